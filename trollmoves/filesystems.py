@@ -1,0 +1,340 @@
+"""Turn a :class:`~trollmoves.urls.Location` plus options into a pooled fsspec file system.
+
+The few protocol rules of our own live here as small functions: SSH key and timeout options,
+FTP ``.netrc`` credentials, S3 endpoint shorthands. Everything else is fsspec's.
+Connections are pooled per (protocol, host, port, user, options) and closed after
+``connection_uptime`` seconds without use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import netrc
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from trollmoves.urls import Location
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_CONNECTION_UPTIME = 30.0
+#: Options the engine consumes itself; they never reach a file system constructor.
+ENGINE_OPTIONS = frozenset({"connection_uptime"})
+#: Protocols whose single connection must not be used by two threads at once.
+SERIAL_PROTOCOLS = frozenset({"ftp"})
+
+_SSH_ALIASES = {
+    "ssh_key_filename": "client_keys",
+    "ssh_private_key_file": "client_keys",
+    "key_filename": "client_keys",
+    "ssh_connection_timeout": "connect_timeout",
+    "ssh_port": "port",
+}
+_SSH_EXTRA = frozenset({"max_sessions", "sftp_client_kwargs", "pool_type", "timeout"})
+_SECRET_WORDS = ("password", "secret", "passphrase", "token")
+_LOCAL = LocalFileSystem()
+
+
+def local_filesystem() -> LocalFileSystem:
+    """The shared local file system instance."""
+    return _LOCAL
+
+
+@cache
+def _accepted(cls: type) -> frozenset[str]:
+    """Names of the keyword arguments a file system class understands."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names.update(p.name for p in params if p.kind is p.KEYWORD_ONLY
+                     or p.kind is p.POSITIONAL_OR_KEYWORD)
+    names.discard("self")
+    if cls.__name__ == "SSHFileSystem":
+        import asyncssh
+
+        params = inspect.signature(asyncssh.SSHClientConnectionOptions.prepare).parameters
+        names.update(params)
+        names.update(_SSH_EXTRA)
+    if cls.__name__ == "S3FileSystem":
+        names.add("profile")
+    return frozenset(names)
+
+
+def _filter_options(cls: type, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    accepted = _accepted(cls)
+    kept = {}
+    for key, value in options.items():
+        if key in accepted:
+            kept[key] = value
+        elif key not in ENGINE_OPTIONS:
+            LOG.debug("Ignoring option %r, which %s does not use", key, where)
+    return kept
+
+
+def _ssh_kwargs(loc: Location, options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = dict(options)
+    for legacy, modern in _SSH_ALIASES.items():
+        if legacy in opts:
+            value = opts.pop(legacy)
+            if modern == "client_keys" and isinstance(value, str):
+                value = [value]
+            opts.setdefault(modern, value)
+    if loc.port is not None:
+        opts["port"] = loc.port
+    if loc.user is not None:
+        opts["username"] = loc.user
+    if loc.password is not None:
+        opts["password"] = loc.password
+    opts.setdefault("known_hosts", None)
+    return opts
+
+
+def _netrc_login(host: str) -> tuple[str | None, str | None]:
+    try:
+        entry = netrc.netrc().authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError) as err:
+        LOG.debug("No usable .netrc for %s: %s", host, type(err).__name__)
+        return None, None
+    if entry is None:
+        return None, None
+    return entry[0], entry[2]
+
+
+def _ftp_kwargs(loc: Location, options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = dict(options)
+    user, password = loc.user, loc.password
+    if user is None or password is None:
+        net_user, net_password = _netrc_login(loc.host)
+        if user is None or user == net_user:
+            user, password = net_user if user is None else user, password or net_password
+    if loc.port is not None:
+        opts["port"] = loc.port
+    if user is not None:
+        opts["username"] = user
+    if password is not None:
+        opts["password"] = password
+    for alias in ("connection_timeout", "ssh_connection_timeout"):
+        if alias in opts:
+            opts.setdefault("timeout", opts[alias])
+    return opts
+
+
+def _s3_kwargs(loc: Location, options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = dict(options)
+    endpoint = opts.pop("endpoint_url", None)
+    if endpoint:
+        client_kwargs = dict(opts.get("client_kwargs") or {})
+        client_kwargs.setdefault("endpoint_url", endpoint)
+        opts["client_kwargs"] = client_kwargs
+    if loc.user and "key" not in opts:
+        opts["key"] = loc.user
+    if loc.password and "secret" not in opts:
+        opts["secret"] = loc.password
+    return opts
+
+
+_KWARG_BUILDERS: dict[str, Callable[[Location, Mapping[str, Any]], dict[str, Any]]] = {
+    "ssh": _ssh_kwargs,
+    "ftp": _ftp_kwargs,
+    "s3": _s3_kwargs,
+}
+
+
+def filesystem_class(protocol: str) -> type:
+    """The fsspec class for a protocol; SSH always means sshfs."""
+    if protocol == "ssh":
+        from sshfs import SSHFileSystem
+
+        return SSHFileSystem
+    return fsspec.get_filesystem_class(protocol)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What it takes to build one file system: class, constructor arguments and a pool key."""
+
+    protocol: str
+    cls: type
+    kwargs: Mapping[str, Any]
+    key: str
+    secrets: tuple[str, ...] = ()
+
+    def build(self) -> Any:
+        """Connect: create a new, uncached file system instance."""
+        kwargs = dict(self.kwargs)
+        if self.protocol in {"ssh", "ftp"}:
+            kwargs["host"] = kwargs.pop("_host")
+            return self.cls(**kwargs)
+        kwargs.pop("_host", None)
+        return self.cls(skip_instance_cache=True, **kwargs)
+
+
+def filesystem_path(loc: Location) -> str:
+    """The path of ``loc`` as its file system names it (``bucket/key`` for object stores)."""
+    if loc.protocol in {"file", "ssh", "ftp"}:
+        return loc.path
+    if loc.protocol in _KWARG_BUILDERS:
+        return loc.fs_path
+    return filesystem_class(loc.protocol)._strip_protocol(loc.url(with_password=True))
+
+
+def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
+    """Describe the file system serving ``loc`` with ``options`` (no connection made)."""
+    protocol = loc.protocol
+    cls = filesystem_class(protocol)
+    builder = _KWARG_BUILDERS.get(protocol)
+    if builder:
+        kwargs = builder(loc, options)
+    else:
+        kwargs = {**cls._get_kwargs_from_urls(loc.url(with_password=True)), **options}
+    kwargs = _filter_options(cls, kwargs, f"the {protocol} file system")
+    if protocol in {"ssh", "ftp"}:
+        kwargs["_host"] = loc.host
+    secrets = tuple(str(v) for k, v in _walk(kwargs) if _is_secret_key(k) and v)
+    digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=repr).encode()).hexdigest()
+    return Endpoint(protocol, cls, kwargs, f"{protocol}:{digest}", secrets)
+
+
+def _walk(mapping: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            yield from _walk(value)
+        else:
+            yield key, value
+
+
+def _is_secret_key(key: str) -> bool:
+    key = key.lower()
+    return key == "key" or any(word in key for word in _SECRET_WORDS)
+
+
+@dataclass
+class _Entry:
+    fs: Any
+    protocol: str
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    users: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    uptime: float = DEFAULT_CONNECTION_UPTIME
+
+
+def close_filesystem(fs: Any) -> None:
+    """Close a file system's connection, whatever its kind; errors are only logged."""
+    try:
+        if hasattr(fs, "_finalize") and hasattr(fs, "_pool"):  # sshfs
+            fs._finalize(fs.loop, fs._pool, fs._stack)
+        elif hasattr(fs, "ftp"):
+            try:
+                fs.ftp.quit()
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                fs.ftp.close()
+        elif hasattr(fs, "close_session") and getattr(fs, "_s3", None) is not None:
+            fs.close_session(fs.loop, fs._s3)
+    except Exception as err:  # noqa: BLE001 - closing is best effort
+        LOG.debug("Error while closing %s: %s", type(fs).__name__, type(err).__name__)
+
+
+class FilesystemPool:
+    """Reuses one connected file system per endpoint; closes those idle for their uptime."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._janitor: threading.Thread | None = None
+        self._closed = False
+
+    @contextmanager
+    def use(self, ep: Endpoint, uptime: float = DEFAULT_CONNECTION_UPTIME) -> Iterator[Any]:
+        """Lend the pooled file system for ``ep``, connecting when there is none."""
+        if ep.protocol == "file":
+            yield _LOCAL
+            return
+        entry = self._checkout(ep, uptime)
+        try:
+            if ep.protocol in SERIAL_PROTOCOLS:
+                with entry.lock:
+                    yield entry.fs
+            else:
+                yield entry.fs
+        finally:
+            with self._lock:
+                entry.users -= 1
+                entry.last_used = time.monotonic()
+                self._wake.notify()
+
+    def _checkout(self, ep: Endpoint, uptime: float) -> _Entry:
+        with self._lock:
+            entry = self._entries.get(ep.key)
+            if entry is not None:
+                entry.users += 1
+                entry.uptime = uptime
+                return entry
+        fs = ep.build()  # connect outside the lock: other endpoints stay usable meanwhile
+        with self._lock:
+            entry = self._entries.get(ep.key)
+            if entry is None:
+                entry = self._entries[ep.key] = _Entry(fs, ep.protocol, uptime=uptime)
+                self._start_janitor()
+            else:
+                close_filesystem(fs)
+            entry.users += 1
+            return entry
+
+    def discard(self, ep: Endpoint) -> None:
+        """Forget (and close) the connection for ``ep``, e.g. after it broke."""
+        with self._lock:
+            entry = self._entries.pop(ep.key, None)
+        if entry is not None:
+            close_filesystem(entry.fs)
+
+    def close_all(self) -> None:
+        """Close every pooled connection now."""
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+            self._wake.notify()
+        for entry in entries:
+            close_filesystem(entry.fs)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _start_janitor(self) -> None:
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = threading.Thread(target=self._expire_loop, name="trollmoves-pool",
+                                             daemon=True)
+            self._janitor.start()
+
+    def _expire_loop(self) -> None:
+        with self._lock:
+            while self._entries:
+                now = time.monotonic()
+                expired = [key for key, e in self._entries.items()
+                           if e.users == 0 and now - e.last_used >= e.uptime]
+                for key in expired:
+                    entry = self._entries.pop(key)
+                    LOG.debug("Closing idle %s connection", entry.protocol)
+                    close_filesystem(entry.fs)
+                deadlines = [e.last_used + e.uptime - now for e in self._entries.values()
+                             if e.users == 0]
+                self._wake.wait(timeout=min(deadlines) if deadlines else None)
+
+
+#: The process-wide connection pool used by :func:`trollmoves.copy`.
+POOL = FilesystemPool()
