@@ -13,6 +13,7 @@ This module does not depend on pytest; see ``tests/conftest.py`` for the fixture
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pwd
@@ -47,12 +48,12 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 """The sftp subsystem used by default (``"internal-sftp"`` is the alternative)."""
 
 FTP_USER = "troll"
-FTP_PASSWORD = "s3cret-pw"  # noqa: S105 - throwaway test credential
+FTP_PASSWORD = "s3cret-pw"
 VSFTPD = "/usr/sbin/vsftpd"
 VSFTPD_USER = "trollftp"
 
 AWS_ACCESS_KEY_ID = "testing"
-AWS_SECRET_ACCESS_KEY = "testing"  # noqa: S105 - throwaway test credential
+AWS_SECRET_ACCESS_KEY = "testing"
 AWS_REGION = "us-east-1"
 
 _TAIL_CHARS = 20_000
@@ -73,12 +74,12 @@ def free_port(host: str = HOST) -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(host: str, port: int, timeout: float = START_TIMEOUT,
-                  proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = START_TIMEOUT,
+                  ) -> None:
     """Connect to ``host:port`` until it accepts, or raise ``TimeoutError`` after ``timeout``.
 
-    Each attempt uses a socket timeout; a refused connection is retried after a short wait
-    that ends early if ``proc`` exits (then ``ServerStartError`` is raised).
+    Each attempt uses a socket timeout; after a refused connection the next attempt comes after
+    waiting up to 20 ms for ``proc`` to exit (then ``ServerStartError`` is raised).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -90,13 +91,11 @@ def wait_for_port(host: str, port: int, timeout: float = START_TIMEOUT,
                 return
         except OSError:
             pass
-        if proc is not None:
-            try:
-                proc.wait(timeout=min(0.02, max(remaining, 0)))
-            except subprocess.TimeoutExpired:
-                continue
-            raise ServerStartError(f"process exited with code {proc.returncode}")
-        socket.socket().close()  # no process to wait on: retry immediately (bounded by timeout)
+        try:
+            proc.wait(timeout=min(0.02, max(remaining, 0.001)))
+        except subprocess.TimeoutExpired:
+            continue
+        raise ServerStartError(f"process exited with code {proc.returncode}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,15 +142,17 @@ def _signal_if_same(pid: int, start: int, sig: int) -> None:
     stat = _proc_stat(pid)
     if stat is None or stat[1] != start:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _make_preexec() -> Any:
-    """Return a preexec_fn that makes the child get SIGTERM when the test process dies."""
-    if not sys.platform.startswith("linux"):
+    """Return a preexec_fn that makes the child get SIGTERM when the test process dies.
+
+    Linux delivers it when the forking *thread* exits, so it is only set from the main thread.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not \
+            threading.main_thread():
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -290,10 +291,8 @@ class ManagedServer:
         """Whole content of the log file(s)."""
         parts = []
         for path in self.log_paths:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 parts.append(path.read_text(errors="replace"))
-            except FileNotFoundError:
-                pass
         return "".join(parts)
 
     def log_tail(self, chars: int = _TAIL_CHARS) -> str:
@@ -542,12 +541,16 @@ class VsftpdServer(FTPServer):
 
 
 def _ensure_system_user(user: str, password: str) -> None:
+    """Create (or fix) local user ``user`` with ``password``; vsftpd needs its home to exist."""
     try:
-        pwd.getpwnam(user)
+        entry = pwd.getpwnam(user)
     except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
-                        "--shell", "/bin/sh", "--comment", "trollmoves vsftpd test user", user],
+        subprocess.run(["useradd", "--no-create-home", "--home-dir", "/", "--shell", "/bin/sh",
+                        "--comment", "trollmoves vsftpd test user", user],
                        check=True, capture_output=True)
+    else:
+        if not os.path.isdir(entry.pw_dir):
+            subprocess.run(["usermod", "--home", "/", user], check=True, capture_output=True)
     subprocess.run(["chpasswd"], input=f"{user}:{password}\n".encode(), check=True,
                    capture_output=True)
 
@@ -592,16 +595,18 @@ def start_vsftpd(directory: str | os.PathLike[str], *, user: str = VSFTPD_USER,
             "ftpd_banner=trollmoves test vsftpd ready.", "",
         ]))
         server._spawn([VSFTPD, str(config)])
+        assert server.proc is not None
         try:
-            assert server.proc is not None
-            wait_for_port(server.host, server.port, timeout, proc=server.proc)
+            wait_for_port(server.host, server.port, server.proc, timeout)
             return server
-        except (ServerStartError, TimeoutError) as err:
-            server.stop()
-            if attempt == attempts - 1 or not isinstance(err, ServerStartError):
+        except ServerStartError as err:
+            ManagedServer.stop(server)  # keeps the FTP root for the next attempt
+            if attempt == attempts - 1:
                 server.stop()
-                raise ServerStartError(f"vsftpd did not start: {err}\n{server.log_tail()}") \
-                    from err
+                raise ServerStartError(f"vsftpd exited: {err}\n{server.log_tail()}") from err
+        except TimeoutError as err:
+            server.stop()
+            raise ServerStartError(f"vsftpd not ready: {err}\n{server.log_tail()}") from err
     raise AssertionError("unreachable")
 
 

@@ -96,6 +96,12 @@ def _classify_one(exc: BaseException) -> type[TransferError] | None:
     names = _type_names(exc)
     if isinstance(exc, TransferError):
         return type(exc)
+    if names & {"SFTPPermissionDenied", "SFTPWriteProtect"}:
+        return AccessDeniedError
+    if names & {"SFTPNoSuchFile", "SFTPNoSuchPath"}:
+        return SourceMissingError
+    if names & {"SFTPConnectionLost", "SFTPNoConnection"}:
+        return ConnectionFailedError
     # authentication, as reported by asyncssh / paramiko / ftplib / botocore
     if names & {"PermissionDenied", "AuthenticationException", "BadAuthenticationType"}:
         return AuthenticationError
@@ -135,11 +141,10 @@ def _classify_one(exc: BaseException) -> type[TransferError] | None:
 
 def classify(exc: BaseException) -> type[TransferError]:
     """Map any library exception to the :class:`TransferError` subclass that describes it."""
-    for link in _chain(exc):
-        found = _classify_one(link)
-        if found is not None:
-            return found
-    return TransferError
+    found = [kind for kind in map(_classify_one, _chain(exc)) if kind is not None]
+    if AuthenticationError in found:  # libraries wrap refused logins in generic errors
+        return AuthenticationError
+    return found[0] if found else TransferError
 
 
 def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:

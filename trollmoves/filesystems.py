@@ -176,10 +176,9 @@ class Endpoint:
     def build(self) -> Any:
         """Connect: create a new, uncached file system instance."""
         kwargs = dict(self.kwargs)
-        if self.protocol in {"ssh", "ftp"}:
-            kwargs["host"] = kwargs.pop("_host")
-            return self.cls(**kwargs)
-        kwargs.pop("_host", None)
+        host = kwargs.pop("_host", None)
+        if host is not None:
+            kwargs["host"] = host
         return self.cls(skip_instance_cache=True, **kwargs)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ftplib
 import hashlib
 import logging
 import os
@@ -248,7 +249,8 @@ class _Attempt:
             if not atomic:
                 dfs.mv(target, dpath)
         except BaseException as err:
-            if not atomic and not _is_connection_loss(err):
+            # a remote temporary file cannot be removed over a lost connection; a local one can
+            if not atomic and (self.dst.loc.is_local or not _is_connection_loss(err)):
                 _remove_quietly(dfs, target)
             raise
         if self.delete_source:
@@ -258,10 +260,10 @@ class _Attempt:
     def _send(self, sfs: Any, spath: str, dfs: Any, target: str) -> None:
         try:
             self._send_once(sfs, spath, dfs, target)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ftplib.error_perm) as err:
             # the destination directory is created only when a write says it is missing:
             # one round trip saved for every file of a stream into an existing directory
-            if self.dst.loc.is_local or self.dst.protocol in FLAT_PROTOCOLS:
+            if not _may_be_missing_parent(err, self.dst):
                 raise
             if not self.create_dirs:
                 parent = posixpath.dirname(target)
@@ -293,6 +295,13 @@ class _Attempt:
             if actual != expected:
                 raise errors.VerificationError(
                     f"{self.checksum} mismatch: source {expected}, destination {actual}")
+
+
+def _may_be_missing_parent(err: BaseException, dst: _Side) -> bool:
+    """Whether a failed write may be due to a missing directory (FTP says 550 for both)."""
+    if dst.loc.is_local or dst.protocol in FLAT_PROTOCOLS:
+        return False
+    return isinstance(err, FileNotFoundError) or str(err).startswith("550")
 
 
 def _source_size(stat: Any, path: str) -> int:
