@@ -50,6 +50,20 @@ def _start_or_skip(start: Callable[..., S], *args: Any, **kwargs: Any) -> S:
         pytest.skip(str(err))
 
 
+# ----------------------------------------------------------------------------------------- HOME
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A throwaway HOME for the whole session (subprocesses inherit it).
+
+    Its ``.ssh/known_hosts`` receives the host key of every sshd the tests start, so SSH
+    clients verify host keys as in production without touching the real home directory.
+    """
+    with servers.isolated_home(tmp_path_factory.mktemp("home")) as home:
+        yield home
+
+
 # ------------------------------------------------------------------------------------------ SSH
 
 

@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -439,7 +440,45 @@ class SSHServer(ManagedServer):
                     ready=re.compile(r"Server listening on \S+ port (\d+)"))
         self._wait_ready_line(timeout)
         host_pub = self.keys.host_pub.read_text().split()
-        self.known_hosts.write_text(f"[{self.host}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        entry = f"[{self.host}]:{self.port} {host_pub[0]} {host_pub[1]}\n"
+        self.known_hosts.write_text(entry)
+        trust_host_key(entry)
+
+
+TEST_HOME_VAR = "TROLLMOVES_TEST_HOME"
+
+
+def trust_host_key(entry: str) -> None:
+    """Add a known_hosts line to ``~/.ssh/known_hosts`` when HOME is a throwaway test home.
+
+    SSH clients (ours, trollmoves 0.19's paramiko, OpenSSH) then verify the test servers'
+    host key as they would in production; a real home directory is never written.
+    """
+    home = os.environ.get("HOME", "")
+    if not home or os.environ.get(TEST_HOME_VAR) != home:
+        return
+    path = Path(home) / ".ssh" / "known_hosts"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(entry)
+
+
+@contextlib.contextmanager
+def isolated_home(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Point HOME at ``directory`` (with an empty ``.ssh``) for the duration; restore after."""
+    home = Path(directory)
+    (home / ".ssh").mkdir(mode=0o700, parents=True, exist_ok=True)
+    saved = {name: os.environ.get(name) for name in ("HOME", TEST_HOME_VAR, "PYENV_ROOT")}
+    os.environ.setdefault("PYENV_ROOT", os.path.expanduser("~/.pyenv"))  # pyenv shims need it
+    os.environ["HOME"] = os.environ[TEST_HOME_VAR] = str(home)
+    try:
+        yield home
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _ensure_privsep_dir() -> None:

@@ -242,3 +242,15 @@ def test_s3_endpoint_shorthand_and_checksum(s3_server: Any, s3_bucket: str,
     assert result.checksum and result.checksum.startswith("md5:")
     s3 = fsspec.filesystem("s3", skip_instance_cache=True, **_s3(s3_server))
     assert s3.cat_file(f"{s3_bucket}/c/{payload.name}") == payload.read_bytes()
+
+
+def test_ssh_unknown_host_key_is_refused_unless_checking_is_disabled(
+        sshd_server: Any, payload: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    url = sshd_server.url(tmp_path / "hk" / "x")
+    with pytest.raises(errors.AuthenticationError, match=r"[Hh]ost key"):
+        trollmoves.copy(payload, url, known_hosts=str(empty), **_ssh(sshd_server))
+    assert not (tmp_path / "hk" / "x").exists()
+    trollmoves.copy(payload, url, known_hosts=None, **_ssh(sshd_server))
+    assert (tmp_path / "hk" / "x").read_bytes() == payload.read_bytes()

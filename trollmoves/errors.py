@@ -103,7 +103,8 @@ def _classify_one(exc: BaseException) -> type[TransferError] | None:
     if names & {"SFTPConnectionLost", "SFTPNoConnection"}:
         return ConnectionFailedError
     # authentication, as reported by asyncssh / paramiko / ftplib / botocore
-    if names & {"PermissionDenied", "AuthenticationException", "BadAuthenticationType"}:
+    if names & {"PermissionDenied", "AuthenticationException", "BadAuthenticationType",
+                "HostKeyNotVerifiable", "BadHostKeyException"}:
         return AuthenticationError
     if isinstance(exc, ftplib.error_perm):
         code = str(exc)[:3]

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import netrc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ from trollmoves.urls import Location
 LOG = logging.getLogger(__name__)
 
 DEFAULT_CONNECTION_UPTIME = 30.0
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 #: Options the engine consumes itself; they never reach a file system constructor.
 ENGINE_OPTIONS = frozenset({"connection_uptime"})
 #: Protocols whose single connection must not be used by two threads at once.
@@ -99,7 +101,10 @@ def _ssh_kwargs(loc: Location, options: Mapping[str, Any]) -> dict[str, Any]:
         opts["username"] = loc.user
     if loc.password is not None:
         opts["password"] = loc.password
-    opts.setdefault("known_hosts", None)
+    if "known_hosts" not in opts:
+        # verify host keys as OpenSSH and trollmoves 0.19 do; known_hosts=None disables it
+        default = os.path.expanduser(DEFAULT_KNOWN_HOSTS)
+        opts["known_hosts"] = default if os.path.exists(default) else ()
     return opts
 
 
