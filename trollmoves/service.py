@@ -1,0 +1,315 @@
+"""Run a sectioned INI service: one worker per config section, reloaded section by section.
+
+Server, client and mirror are all "one worker per section of an INI file". This module owns
+everything around the workers::
+
+    runner = ServiceRunner("server.ini", "server", make_worker)
+    runner.run()          # blocks: SIGHUP / config edits reload, SIGTERM / SIGINT stop
+
+- ``make_worker(name, section)`` builds a :class:`Worker` for one typed, validated section (as
+  returned by :func:`trollmoves.config.read_ini`); the runner calls ``start()`` on it.
+- A reload (the config file changed on disk, SIGHUP, or :meth:`ServiceRunner.request_reload`)
+  re-reads the file and touches only what changed: workers of removed and changed sections are
+  stopped (all of them first, then joined, so a changed section can rebind its port), then new
+  and changed sections are started. A file that does not read or validate is logged with the
+  file, section and key, and every running section keeps running.
+- SIGTERM / SIGINT (or :meth:`ServiceRunner.request_stop`): every worker is told to ``stop()``
+  (stop accepting work), then ``join()`` waits for the work in flight. A second signal during
+  shutdown gets the default behaviour (the process ends at once).
+
+The control thread blocks on a pipe; signal handlers and the config watcher only write a byte
+to it, so there is no sleep loop and nothing unsafe runs inside a signal handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from trollmoves.config import ConfigError, read_ini
+
+LOG = logging.getLogger(__name__)
+
+Sections = dict[str, dict[str, Any]]
+
+
+class Worker(Protocol):
+    """What the runner needs from the worker of one section."""
+
+    def start(self) -> None:
+        """Start working; raise to report that the section cannot run."""
+
+    def stop(self) -> None:
+        """Stop accepting new work; return promptly."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the work in flight is finished and every resource is released."""
+
+
+WorkerFactory = Callable[[str, dict[str, Any]], Worker]
+#: ``validate(path, sections)`` checks the file as a whole; raises :class:`ConfigError`.
+Validator = Callable[[str, Sections], None]
+
+
+@dataclass
+class ReloadResult:
+    """What a (re)load did."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    error: ConfigError | None = None
+
+    @property
+    def touched(self) -> bool:
+        """True when at least one section was started or stopped."""
+        return bool(self.added or self.changed or self.removed)
+
+
+def _signature(path: str) -> tuple[int, int, int] | None:
+    """Identify the current content of a file cheaply (follows symbolic links)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+class _ConfigFileHandler(FileSystemEventHandler):
+    """Ask for a reload when the watched file's signature changes."""
+
+    def __init__(self, runner: ServiceRunner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        """Any change in the directory may be the file (editors rename, k8s swaps links)."""
+        if event.event_type in {"opened", "closed_no_write"}:
+            return
+        if _signature(self.runner.config_path) != self.runner.loaded_signature:
+            self.runner.request_reload()
+
+
+class ServiceRunner:
+    """Start, reload and stop the workers of the sections of one INI file.
+
+    ``kind`` names the schema (``"server"``, ``"client"``, ``"mirror"``); ``validate`` can add
+    whole-file checks (for example, two sections on one port). ``stop_timeout`` bounds how long
+    :meth:`stop` waits for each worker's ``join``.
+    """
+
+    def __init__(self, config_path: str | os.PathLike[str], kind: str, factory: WorkerFactory,
+                 *, validate: Validator | None = None, watch_config: bool = True,
+                 stop_timeout: float | None = None) -> None:
+        self.config_path = os.fspath(config_path)
+        self.kind = kind
+        self.factory = factory
+        self.validate = validate
+        self.watch_config = watch_config
+        self.stop_timeout = stop_timeout
+        self.loaded_signature: tuple[int, int, int] | None = None
+        self._sections: Sections = {}
+        self._workers: dict[str, Worker] = {}
+        self._failed: set[str] = set()
+        self._lock = threading.RLock()
+        self._observer: Any = None
+        self._read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(self._read_fd, True)
+        self._reload_requested = False
+        self._stop_requested = False
+        self._started = False
+        self._stopped = False
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def sections(self) -> Mapping[str, dict[str, Any]]:
+        """The configuration of every section whose worker is running."""
+        with self._lock:
+            return {name: self._sections[name] for name in self._workers}
+
+    @property
+    def workers(self) -> Mapping[str, Worker]:
+        """The running workers by section name."""
+        with self._lock:
+            return dict(self._workers)
+
+    # -- requests (thread- and signal-safe) ---------------------------------------------------
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._write_fd, b"!")
+
+    def request_reload(self) -> None:
+        """Ask :meth:`run` to re-read the config file (safe from any thread or signal handler)."""
+        self._reload_requested = True
+        self._wake()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop every worker and return (safe anywhere)."""
+        self._stop_requested = True
+        self._wake()
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> ReloadResult:
+        """Load the file and start a worker per section; a bad file raises :class:`ConfigError`."""
+        with self._lock:
+            sections = self._read()
+            self._started = True
+            result = self._apply(sections)
+            if self.watch_config:
+                self._watch()
+        LOG.info("Running %d section(s) from %s", len(self._workers), self.config_path)
+        return result
+
+    def reload(self) -> ReloadResult:
+        """Re-read the file and restart only the sections that changed (failed ones are retried).
+
+        A file that does not read or validate changes nothing; its error is logged and returned.
+        """
+        with self._lock:
+            if self._stopped:
+                return ReloadResult()
+            try:
+                sections = self._read()
+            except ConfigError as err:
+                LOG.error("Configuration not reloaded, the running sections are kept: %s", err)
+                return ReloadResult(error=err)
+            result = self._apply(sections)
+        if result.touched or result.failed:
+            LOG.info("Reloaded %s: added %s, changed %s, removed %s, failed %s",
+                     self.config_path, result.added, result.changed, result.removed,
+                     result.failed)
+        else:
+            LOG.debug("Reloaded %s: no section changed", self.config_path)
+        return result
+
+    def run(self, install_signals: bool = True) -> None:
+        """Start (unless started), then serve reload and stop requests until asked to stop.
+
+        Signal handlers are installed only when called from the main thread.
+        """
+        if install_signals and threading.current_thread() is threading.main_thread():
+            self._install_signals()
+        try:
+            if not self._started:
+                self.start()
+            while not self._stop_requested:
+                os.read(self._read_fd, 4096)  # blocks until a request arrives
+                if self._reload_requested and not self._stop_requested:
+                    self._reload_requested = False
+                    self.reload()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop watching the file, then stop every worker and wait for its work in flight."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._unwatch()
+            names = list(self._workers)
+            self._stop_workers(names)
+            self._sections.clear()
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        LOG.info("Stopped %d section(s)", len(names))
+
+    # -- internals --------------------------------------------------------------------------
+    def _read(self) -> Sections:
+        signature = _signature(self.config_path)
+        sections = read_ini(self.config_path, self.kind)
+        if self.validate is not None:
+            self.validate(self.config_path, sections)
+        self.loaded_signature = signature
+        return sections
+
+    def _apply(self, sections: Sections) -> ReloadResult:
+        result = ReloadResult()
+        old = self._sections  # running and failed sections
+        result.removed = [name for name in old if name not in sections]
+        for name, section in sections.items():
+            if name not in old:
+                result.added.append(name)
+            elif old[name] != section or name in self._failed:
+                result.changed.append(name)
+        self._stop_workers([n for n in result.removed + result.changed if n in self._workers])
+        self._failed -= set(result.removed)
+        for name in result.removed:
+            del old[name]
+        for name in result.added + result.changed:
+            self._sections[name] = sections[name]
+            if not self._start_worker(name, sections[name]):
+                result.failed.append(name)
+        return result
+
+    def _start_worker(self, name: str, section: dict[str, Any]) -> bool:
+        try:
+            worker = self.factory(name, section)
+            worker.start()
+        except Exception as err:  # one section must not take the others down
+            LOG.error("Section %s could not start: %s", name, err,
+                      exc_info=not isinstance(err, ConfigError | OSError))
+            self._failed.add(name)
+            return False
+        self._failed.discard(name)
+        self._workers[name] = worker
+        LOG.info("Started section %s", name)
+        return True
+
+    def _stop_workers(self, names: list[str]) -> None:
+        workers = [(name, self._workers.pop(name)) for name in names]
+        for name, worker in workers:
+            try:
+                worker.stop()
+            except Exception:  # keep stopping the others
+                LOG.exception("Section %s did not stop cleanly", name)
+        for name, worker in workers:
+            try:
+                worker.join(self.stop_timeout)
+            except Exception:  # keep stopping the others
+                LOG.exception("Section %s did not stop cleanly", name)
+            LOG.info("Stopped section %s", name)
+
+    def _watch(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.config_path))
+        observer = Observer()
+        observer.schedule(_ConfigFileHandler(self), directory, recursive=False)
+        observer.daemon = True
+        try:
+            observer.start()
+        except OSError as err:
+            LOG.warning("Cannot watch %s for changes (%s); reload with SIGHUP", directory, err)
+            return
+        self._observer = observer
+
+    def _unwatch(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            with contextlib.suppress(RuntimeError):
+                self._observer.join()
+            self._observer = None
+
+    def _install_signals(self) -> None:
+        def on_reload(signum: int, frame: Any) -> None:
+            self.request_reload()
+
+        def on_stop(signum: int, frame: Any) -> None:
+            # a second signal ends the process at once
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.request_stop()
+
+        signal.signal(signal.SIGHUP, on_reload)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
