@@ -19,11 +19,11 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trollmoves import errors
+from trollmoves import errors, protocols
 from trollmoves.filesystems import (
     DEFAULT_CONNECTION_UPTIME,
     POOL,
@@ -131,51 +131,6 @@ def _kernel_copy(src: str, dst: str, callback: Any = None) -> None:
             shutil.copyfileobj(fin, fout, CHUNK)
 
 
-def _ftp_put(fs: Any, lpath: str, rpath: str, callback: Any) -> None:
-    """Upload with one STOR (fsspec's generic path would open a data connection per block)."""
-    size = os.path.getsize(lpath)
-    if callback is not None:
-        callback.set_size(size)
-    sent = 0
-
-    def progress(block: bytes) -> None:
-        nonlocal sent
-        sent += len(block)
-        if callback is not None:
-            callback.absolute_update(sent)
-
-    with open(lpath, "rb") as handle:
-        fs.ftp.storbinary(f"STOR {rpath}", handle, blocksize=1 << 20, callback=progress)
-
-
-def _ftp_get(fs: Any, rpath: str, lpath: str, callback: Any) -> None:
-    """Download with one RETR."""
-    got = 0
-    with open(lpath, "wb") as handle:
-        def write(block: bytes) -> None:
-            nonlocal got
-            handle.write(block)
-            got += len(block)
-            if callback is not None:
-                callback.absolute_update(got)
-
-        fs.ftp.retrbinary(f"RETR {rpath}", write, blocksize=1 << 20)
-
-
-def _put(fs: Any, protocol: str, lpath: str, rpath: str, callback: Any) -> None:
-    if protocol == "ftp":
-        _ftp_put(fs, lpath, rpath, callback)
-    else:
-        fs.put_file(lpath, rpath, callback=callback) if callback else fs.put_file(lpath, rpath)
-
-
-def _get(fs: Any, protocol: str, rpath: str, lpath: str, callback: Any) -> None:
-    if protocol == "ftp":
-        _ftp_get(fs, rpath, lpath, callback)
-    else:
-        fs.get_file(rpath, lpath, callback=callback) if callback else fs.get_file(rpath, lpath)
-
-
 def _stream(sfs: Any, spath: str, dfs: Any, dpath: str, callback: Any) -> None:
     """Remote to remote: read and write in chunks, never holding the file in memory."""
     with sfs.open(spath, "rb") as fin, dfs.open(dpath, "wb") as fout:
@@ -242,8 +197,15 @@ class _Attempt:
             self._make_local_parent(dpath)
         atomic = self.dst.protocol in ATOMIC_PROTOCOLS
         target = dpath if atomic else _temporary_name(dpath)
+        quick = None
+        if self.src.loc.is_local and not self.checksum and not atomic:
+            quick = protocols.quick_delivery(self.dst.protocol, size, dfs)
         try:
-            self._send(sfs, spath, dfs, target)
+            if quick is not None:
+                self._creating_parent(dfs, target, lambda: quick(spath, target, dpath))
+                self._finish(sfs, spath)
+                return size, None
+            self._creating_parent(dfs, target, lambda: self._send(sfs, spath, dfs, target))
             expected = self._source_checksum(self.src, sfs)
             self._verify(dfs, target, size, expected)
             if not atomic:
@@ -253,14 +215,19 @@ class _Attempt:
             if not atomic and (self.dst.loc.is_local or not _is_connection_loss(err)):
                 _remove_quietly(dfs, target)
             raise
-        if self.delete_source:
-            sfs.rm_file(spath) if not self.src.loc.is_local else os.unlink(spath)
+        self._finish(sfs, spath)
         return size, expected
 
-    def _send(self, sfs: Any, spath: str, dfs: Any, target: str) -> None:
+    def _finish(self, sfs: Any, spath: str) -> None:
+        """Remove the source of a move, once the destination is complete."""
+        if self.delete_source:
+            sfs.rm_file(spath) if not self.src.loc.is_local else os.unlink(spath)
+
+    def _creating_parent(self, dfs: Any, target: str, action: Callable[[], object]) -> None:
+        """Run ``action``; if it failed for a missing directory, create it and run it again."""
         try:
-            self._send_once(sfs, spath, dfs, target)
-        except (FileNotFoundError, ftplib.error_perm) as err:
+            action()
+        except Exception as err:
             # the destination directory is created only when a write says it is missing:
             # one round trip saved for every file of a stream into an existing directory
             if not _may_be_missing_parent(err, self.dst):
@@ -269,13 +236,13 @@ class _Attempt:
                 parent = posixpath.dirname(target)
                 raise errors.DestinationMissingError(f"{parent} does not exist") from err
             dfs.makedirs(posixpath.dirname(target), exist_ok=True)
-            self._send_once(sfs, spath, dfs, target)
+            action()
 
-    def _send_once(self, sfs: Any, spath: str, dfs: Any, target: str) -> None:
+    def _send(self, sfs: Any, spath: str, dfs: Any, target: str) -> None:
         if self.src.loc.is_local:
-            _put(dfs, self.dst.protocol, spath, target, self.callback)
+            protocols.put(dfs, self.dst.protocol, spath, target, self.callback)
         elif self.dst.loc.is_local:
-            _get(sfs, self.src.protocol, spath, target, self.callback)
+            protocols.get(sfs, self.src.protocol, spath, target, self.callback)
         elif sfs is dfs:
             dfs.cp_file(spath, target)
         else:
@@ -301,7 +268,9 @@ def _may_be_missing_parent(err: BaseException, dst: _Side) -> bool:
     """Whether a failed write may be due to a missing directory (FTP says 550 for both)."""
     if dst.loc.is_local or dst.protocol in FLAT_PROTOCOLS:
         return False
-    return isinstance(err, FileNotFoundError) or str(err).startswith("550")
+    if isinstance(err, ftplib.error_perm):
+        return str(err).startswith("550")
+    return errors.classify(err) is errors.SourceMissingError
 
 
 def _source_size(stat: Any, path: str) -> int:

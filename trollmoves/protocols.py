@@ -1,0 +1,107 @@
+"""Transfer primitives for the protocols where fsspec's generic path is slow.
+
+fsspec's FTP file objects open one data connection per block, and asyncssh's ``put`` machinery
+costs milliseconds per small file; these functions do the same work in one STOR/RETR, or in one
+pipelined SFTP exchange. Everything else goes through fsspec's own ``put_file``/``get_file``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+from fsspec.asyn import sync
+
+from trollmoves.errors import VerificationError
+
+#: Files up to this size are uploaded over SFTP in one pipelined exchange.
+SFTP_SMALL_FILE = 4 * 1024 * 1024
+FTP_BLOCK = 1 << 20
+
+
+def ftp_put(fs: Any, lpath: str, rpath: str, callback: Any = None) -> None:
+    """Upload with a single STOR."""
+    size = os.path.getsize(lpath)
+    if callback is not None:
+        callback.set_size(size)
+    sent = 0
+
+    def progress(block: bytes) -> None:
+        nonlocal sent
+        sent += len(block)
+        if callback is not None:
+            callback.absolute_update(sent)
+
+    with open(lpath, "rb") as handle:
+        fs.ftp.storbinary(f"STOR {rpath}", handle, blocksize=FTP_BLOCK, callback=progress)
+
+
+def ftp_get(fs: Any, rpath: str, lpath: str, callback: Any = None) -> None:
+    """Download with a single RETR."""
+    got = 0
+    with open(lpath, "wb") as handle:
+        def write(block: bytes) -> None:
+            nonlocal got
+            handle.write(block)
+            got += len(block)
+            if callback is not None:
+                callback.absolute_update(got)
+
+        fs.ftp.retrbinary(f"RETR {rpath}", write, blocksize=FTP_BLOCK)
+
+
+def put(fs: Any, protocol: str, lpath: str, rpath: str, callback: Any = None) -> None:
+    """Upload a local file to ``rpath`` on ``fs``."""
+    if protocol == "ftp":
+        ftp_put(fs, lpath, rpath, callback)
+    elif callback is not None:
+        fs.put_file(lpath, rpath, callback=callback)
+    else:
+        fs.put_file(lpath, rpath)
+
+
+def get(fs: Any, protocol: str, rpath: str, lpath: str, callback: Any = None) -> None:
+    """Download ``rpath`` on ``fs`` to a local file."""
+    if protocol == "ftp":
+        ftp_get(fs, rpath, lpath, callback)
+    elif callback is not None:
+        fs.get_file(rpath, lpath, callback=callback)
+    else:
+        fs.get_file(rpath, lpath)
+
+
+async def _sftp_deliver(fs: Any, data: bytes, tmp: str, final: str) -> int:
+    """Write ``data`` to ``tmp``, check its size, rename it to ``final``: four round trips.
+
+    The size check and the close go out together (asyncio starts tasks in order, so the
+    fstat request precedes the close on the channel); the rename follows only a verified file.
+    """
+    async with fs._pool.get() as sftp:
+        handle = await sftp.open(tmp, "wb")
+        try:
+            await handle.write(data)
+            attrs, _ = await asyncio.gather(handle.stat(), handle.close())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await handle.close()
+            raise
+        if attrs.size != len(data):
+            raise VerificationError(f"wrote {attrs.size} bytes, source has {len(data)}")
+        await sftp.posix_rename(tmp, final)
+        return attrs.size
+
+
+def quick_delivery(protocol: str, size: int, fs: Any) -> Callable[[str, str, str], int] | None:
+    """A one-exchange ``deliver(lpath, tmp, final) -> size`` for small files, if there is one."""
+    if protocol != "ssh" or size > SFTP_SMALL_FILE or not hasattr(fs, "_pool"):
+        return None
+
+    def deliver(lpath: str, tmp: str, final: str) -> int:
+        with open(lpath, "rb") as handle:
+            data = handle.read()
+        return sync(fs.loop, _sftp_deliver, fs, data, tmp, final)
+
+    return deliver
