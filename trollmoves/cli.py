@@ -18,7 +18,9 @@ from trollmoves.errors import TransferError
 from trollmoves.transfer import transfer
 
 #: Sub-commands served by a front end's own ``main(argv)``: name -> (module, help).
-FRONT_ENDS: dict[str, tuple[str, str]] = {}
+FRONT_ENDS: dict[str, tuple[str, str]] = {
+    "client": ("trollmoves.client", "request announced files"),
+}
 
 PROGRESS_THRESHOLD = 8 * 1024 * 1024
 

@@ -1,0 +1,202 @@
+"""One subscription set over several posttroll publishers, with heartbeat monitoring.
+
+Each provider (``host:port``, optionally ``host:port/topic``) gets its own SUB socket, so that a
+provider that fell silent for longer than ``heartbeat_alarm_scale`` times its heartbeat interval
+can be resubscribed alone. Messages are read without blocking the caller longer than asked,
+bounded in size, and anything that is not a posttroll message is dropped with a log line.
+The set belongs to the thread that polls it (ZeroMQ sockets are not thread safe); ``wake()``
+may be called from any thread to make a running ``poll`` return at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import zmq
+from posttroll.backends.zmq.socket import set_up_client_socket
+from posttroll.message import _MAGICK, Message, MessageError
+
+LOG = logging.getLogger(__name__)
+
+#: Largest message accepted from a publisher (a bigger one drops that connection).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Heartbeat interval assumed until a provider's ``beat`` says otherwise.
+DEFAULT_BEAT_INTERVAL = 30.0
+#: Prefix of the heartbeat subjects of servers, mirrors and clients.
+HEARTBEAT_TOPIC = "/heartbeat/move_it"
+#: Messages read from one socket before the others get their turn.
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One publisher to subscribe to."""
+
+    address: str  #: ``tcp://host:port``
+    topics: tuple[str, ...]  #: subject prefixes
+
+
+def posttroll_topic(topic: str) -> str:
+    """The wire prefix of a posttroll subject (``/a/b`` -> ``pytroll://a/b``)."""
+    if topic.startswith(_MAGICK):
+        return topic
+    return _MAGICK + (topic if topic.startswith("/") else "/" + topic)
+
+
+def parse_providers(providers: Iterable[str], topics: Sequence[str]) -> list[Provider]:
+    """Providers from ``host:port`` or ``host:port/topic`` items; a provider's own topic is
+    subscribed in addition to ``topics``."""
+    parsed: dict[str, list[str]] = {}
+    for item in providers:
+        item = item.strip()
+        if not item:
+            continue
+        if "://" in item:
+            item = item.split("://", 1)[1]
+        hostport, sep, own_topic = item.partition("/")
+        wanted = parsed.setdefault(f"tcp://{hostport}", list(topics))
+        if sep and own_topic and "/" + own_topic not in wanted:
+            wanted.append("/" + own_topic)
+    return [Provider(address, tuple(dict.fromkeys(t))) for address, t in parsed.items()]
+
+
+class _Feed:
+    """The socket and liveness of one provider."""
+
+    def __init__(self, provider: Provider, now: float) -> None:
+        self.provider = provider
+        self.sock: zmq.Socket | None = None
+        self.last_seen = now
+        self.interval = DEFAULT_BEAT_INTERVAL
+        self.heard = False
+
+    def connect(self) -> zmq.Socket:
+        sock = set_up_client_socket(zmq.SUB, self.provider.address,
+                                    {zmq.MAXMSGSIZE: MAX_MESSAGE_BYTES, zmq.LINGER: 0})
+        for topic in self.provider.topics:
+            sock.setsockopt_string(zmq.SUBSCRIBE, posttroll_topic(topic))
+        self.sock = sock
+        return sock
+
+
+class SubscriptionSet:
+    """SUB sockets over ``providers``; resubscribes a provider silent for too long.
+
+    ``alarm_scale`` (``heartbeat_alarm_scale``) times the provider's heartbeat interval is
+    how long it may stay silent; None or 0 disables the check.
+    """
+
+    def __init__(self, providers: Sequence[Provider], alarm_scale: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.alarm_scale = alarm_scale or 0.0
+        self._poller = zmq.Poller()
+        self._feeds: dict[zmq.Socket, _Feed] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        now = clock()
+        for provider in providers:
+            self._attach(_Feed(provider, now))
+            LOG.info("Subscribing to %s for %s", provider.address, ", ".join(provider.topics))
+
+    def _attach(self, feed: _Feed) -> None:
+        sock = feed.connect()
+        self._feeds[sock] = feed
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _detach(self, sock: zmq.Socket) -> None:
+        self._poller.unregister(sock)
+        del self._feeds[sock]
+        sock.close(linger=0)
+
+    @property
+    def providers(self) -> list[Provider]:
+        """The providers subscribed to."""
+        return [feed.provider for feed in self._feeds.values()]
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`poll` return at once (any thread)."""
+        with contextlib.suppress(BlockingIOError, OSError):  # already woken, or closed
+            self._wake_w.send(b"\0")
+
+    def poll(self, timeout: float | None) -> list[tuple[Provider, Message]]:
+        """Wait up to ``timeout`` seconds (None: forever) and return the messages that came."""
+        millis = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        ready = dict(self._poller.poll(millis))
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError, OSError):
+                while self._wake_r.recv(4096):
+                    pass
+        received: list[tuple[Provider, Message]] = []
+        now = self._clock()
+        for sock, feed in list(self._feeds.items()):
+            if sock not in ready:
+                continue
+            for _ in range(BATCH):
+                try:
+                    raw = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                message = self._decode(raw, feed)
+                if message is not None:
+                    self._seen(feed, message, now)
+                    received.append((feed.provider, message))
+        return received
+
+    def _decode(self, raw: bytes, feed: _Feed) -> Message | None:
+        try:
+            return Message(rawstr=raw)
+        except (MessageError, ValueError, TypeError, UnicodeDecodeError) as err:
+            LOG.warning("Dropped a message from %s that is not a posttroll message (%s): %r",
+                        feed.provider.address, err, raw[:80])
+            return None
+
+    def _seen(self, feed: _Feed, message: Message, now: float) -> None:
+        feed.last_seen = now
+        if not feed.heard:
+            feed.heard = True
+            LOG.info("Receiving from %s", feed.provider.address)
+        if message.type == "beat" and isinstance(message.data, dict):
+            try:
+                interval = float(message.data.get("min_interval") or DEFAULT_BEAT_INTERVAL)
+            except (TypeError, ValueError):
+                return
+            if interval > 0:
+                feed.interval = interval
+
+    def next_check(self) -> float | None:
+        """Clock time at which the next provider counts as silent, or None."""
+        if not self.alarm_scale or not self._feeds:
+            return None
+        return min(f.last_seen + f.interval * self.alarm_scale for f in self._feeds.values())
+
+    def resubscribe_silent(self) -> list[Provider]:
+        """Resubscribe every provider silent for longer than allowed; return them."""
+        if not self.alarm_scale:
+            return []
+        now = self._clock()
+        silent = [(sock, feed) for sock, feed in self._feeds.items()
+                  if now - feed.last_seen > feed.interval * self.alarm_scale]
+        for sock, feed in silent:
+            LOG.warning("No message or heartbeat from %s for %.1f s; resubscribing",
+                        feed.provider.address, now - feed.last_seen)
+            self._detach(sock)
+            feed.last_seen = now
+            feed.heard = False
+            self._attach(feed)
+        return [feed.provider for _, feed in silent]
+
+    def close(self) -> None:
+        """Close every socket."""
+        for sock in list(self._feeds):
+            self._detach(sock)
+        self._poller.unregister(self._wake_r)
+        self._wake_r.close()
+        self._wake_w.close()
