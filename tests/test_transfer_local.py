@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -74,14 +76,26 @@ def test_missing_directory_is_not_created_when_told_not_to(source: Path, tmp_pat
     assert not (tmp_path / "absent").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_destination_is_refused(source: Path, tmp_path: Path) -> None:
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    readonly.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    with pytest.raises(errors.AccessDeniedError):
-        trollmoves.copy(source, readonly / "x", hardlink=False)
-    assert list(readonly.iterdir()) == []
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory nobody may write into: mode 0555, and immutable when we are root."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    path.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+        pytest.skip("cannot make a read-only directory as root here (chattr +i failed)")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(stat.S_IRWXU)
+
+
+def test_read_only_destination_is_refused(source: Path, read_only_dir: Path) -> None:
+    for hardlink in (True, False):
+        with pytest.raises(errors.AccessDeniedError, match="permission denied"):
+            trollmoves.copy(source, read_only_dir / "x", hardlink=hardlink)
+    assert list(read_only_dir.iterdir()) == []
 
 
 def test_read_only_destination_is_refused_even_for_root(source: Path, tmp_path: Path) -> None:
