@@ -1,0 +1,222 @@
+"""Directory watching for origin patterns: inotify and polling, backlog, missing directories.
+
+"Not reported" is checked without waiting for a timeout: a sentinel file written afterwards is
+reported after anything that came before it, so once it arrives the queue says everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trollmoves.watch import OriginPattern, OriginWatcher, nearest_existing_parent
+
+DEADLINE = 10.0
+# watchdog's own, harmless, when a directory is created with sub-directories (see watch.py)
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+
+
+class Sink:
+    """Collects reported files in a queue."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+
+    def __call__(self, path: str, fields: dict[str, Any]) -> None:
+        self.queue.put((path, fields))
+
+    def next(self) -> tuple[str, dict[str, Any]]:
+        return self.queue.get(timeout=DEADLINE)
+
+    def until(self, path: Path | str) -> list[str]:
+        """Every path reported up to and including ``path``."""
+        seen = []
+        while True:
+            got, _ = self.next()
+            seen.append(got)
+            if got == str(path):
+                return seen
+
+
+@pytest.fixture(params=[False, True], ids=["inotify", "polling"])
+def polling(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
+@pytest.fixture
+def watchers() -> Iterator[list[OriginWatcher]]:
+    started: list[OriginWatcher] = []
+    yield started
+    for watcher in started:
+        watcher.stop()
+    for watcher in started:
+        watcher.join(DEADLINE)
+
+
+def watch(watchers: list[OriginWatcher], origin: Path | str, polling: bool = False,
+          **kwargs: Any) -> Sink:
+    sink = Sink()
+    watcher = OriginWatcher(str(origin), sink, polling=polling, poll_interval=0.05, **kwargs)
+    watchers.append(watcher)
+    watcher.start()
+    assert watcher.ready.wait(DEADLINE)
+    return sink
+
+
+def write(path: Path, data: bytes = b"data") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# -- patterns --------------------------------------------------------------------------------
+
+def test_pattern_base_and_recursion() -> None:
+    flat = OriginPattern("/data/in/H-{platform}-{time:%Y%m%d%H%M}-__")
+    assert (flat.base, flat.recursive) == ("/data/in", False)
+    nested = OriginPattern("/data/{platform}/{time:%Y/%m/%d}/{name}.h5")
+    assert (nested.base, nested.recursive) == ("/data", True)
+    fields = nested.match("/data/npp/2026/11/21/x.h5")
+    assert fields is not None and fields["platform"] == "npp" and fields["time"].day == 21
+    assert nested.match("/data/npp/extra/2026/11/21/x.h5") is None  # too deep
+    assert nested.match("/data/npp/2026/11/21/.x.h5") is None  # hidden: temporary
+    assert OriginPattern("/d/{a}/.{b}").match("/d/x/.y") == {"a": "x", "b": "y"}
+
+
+def test_pattern_skip_levels() -> None:
+    origin = "/tmp/in/{platform}_{time:%Y%m%d}/{sensor}_{platform}.h5"
+    assert OriginPattern(origin, skip_levels=-2).base == "/tmp/in"
+    assert OriginPattern(origin, skip_levels=-3).base == "/tmp"
+    assert OriginPattern(origin, skip_levels=-1).base == "/tmp/in"  # a field: ignored
+
+
+def test_nearest_existing_parent(tmp_path: Path) -> None:
+    assert nearest_existing_parent(str(tmp_path / "a" / "b")) == str(tmp_path)
+
+
+# -- both watching methods -------------------------------------------------------------------
+
+def test_new_files_reported_once(watchers: list[OriginWatcher], tmp_path: Path,
+                                 polling: bool) -> None:
+    sink = watch(watchers, tmp_path / "H-{platform}-{num:d}.dat", polling)
+    written = write(tmp_path / "H-MSG4-1.dat")
+    path, fields = sink.next()
+    assert (path, fields) == (str(written), {"platform": "MSG4", "num": 1})
+    write(tmp_path / "H-MSG4-2.dat", b"")  # empty: skipped
+    write(tmp_path / "other.txt")  # no match
+    write(tmp_path / ".H-MSG4-3.dat")  # hidden
+    with open(written, "ab"):  # opened for writing and closed, unchanged: the same file
+        pass
+    sentinel = write(tmp_path / "H-MSG4-9.dat")
+    seen = sink.until(sentinel)
+    assert str(tmp_path / "H-MSG4-2.dat") not in seen
+    assert all("other" not in p and "/.H" not in p for p in seen)
+
+
+def test_backlog(watchers: list[OriginWatcher], tmp_path: Path, polling: bool) -> None:
+    old = [write(tmp_path / f"f{i}.dat") for i in range(3)]
+    write(tmp_path / "empty.dat", b"")
+    sink = watch(watchers, tmp_path / "{name}.dat", polling)
+    assert [sink.next()[0] for _ in old] == [str(p) for p in old]
+    sentinel = write(tmp_path / "new.dat")
+    assert sink.until(sentinel) == [str(sentinel)]
+
+
+def test_backlog_disabled(watchers: list[OriginWatcher], tmp_path: Path, polling: bool) -> None:
+    write(tmp_path / "old.dat")
+    sink = watch(watchers, tmp_path / "{name}.dat", polling, backlog=False)
+    sentinel = write(tmp_path / "new.dat")
+    assert sink.until(sentinel) == [str(sentinel)]
+
+
+def test_missing_directory_is_waited_for(watchers: list[OriginWatcher], tmp_path: Path,
+                                         polling: bool, caplog: pytest.LogCaptureFixture
+                                         ) -> None:
+    caplog.set_level(logging.INFO, logger="trollmoves.watch")
+    base = tmp_path / "not" / "yet"
+    watcher_sink = watch(watchers, base / "{name}.dat", polling, name="late")
+    assert f"directory {base} does not exist yet" in caplog.text
+    base.mkdir(parents=True)
+    first = write(base / "a.dat")
+    assert watcher_sink.next()[0] == str(first)
+    assert f"directory {base} appeared" in caplog.text
+    second = write(base / "b.dat")
+    assert watcher_sink.until(second)[-1] == str(second)
+
+
+def test_nested_pattern(watchers: list[OriginWatcher], tmp_path: Path, polling: bool) -> None:
+    sink = watch(watchers, tmp_path / "{platform}" / "{day}" / "{name}.h5", polling)
+    deep = write(tmp_path / "npp" / "20261121" / "x.h5")
+    path, fields = sink.next()
+    assert (path, fields) == (str(deep), {"platform": "npp", "day": "20261121", "name": "x"})
+    write(tmp_path / "npp" / "y.h5")  # not deep enough
+    sentinel = write(tmp_path / "j01" / "20261121" / "z.h5")
+    assert sink.until(sentinel) == [str(sentinel)]
+
+
+# -- inotify specifics -----------------------------------------------------------------------
+
+def test_moved_in_and_renamed_files(watchers: list[OriginWatcher], tmp_path: Path) -> None:
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    sink = watch(watchers, incoming / "{name}.dat")
+    outside = write(tmp_path / "outside.dat")
+    os.rename(outside, incoming / "moved.dat")
+    assert sink.next()[0] == str(incoming / "moved.dat")
+    partial = write(incoming / "partial.tmp")  # written under another name, then renamed
+    os.rename(partial, incoming / "renamed.dat")
+    assert sink.next()[0] == str(incoming / "renamed.dat")
+
+
+def test_file_open_for_writing_is_not_reported(watchers: list[OriginWatcher],
+                                               tmp_path: Path) -> None:
+    sink = watch(watchers, tmp_path / "{name}.dat")
+    with open(tmp_path / "slow.dat", "wb") as handle:
+        handle.write(b"first half")
+        handle.flush()
+        sentinel = write(tmp_path / "sentinel.dat")
+        assert sink.until(sentinel) == [str(sentinel)]
+        handle.write(b"second half")
+    assert sink.next()[0] == str(tmp_path / "slow.dat")
+
+
+def test_directory_tree_moved_in(watchers: list[OriginWatcher], tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    sink = watch(watchers, base / "{platform}" / "{name}.h5")
+    staging = tmp_path / "staging" / "npp"
+    write(staging / "a.h5")
+    write(staging / "b.h5")
+    os.rename(staging, base / "npp")
+    assert sorted([sink.next()[0], sink.next()[0]]) == [str(base / "npp" / "a.h5"),
+                                                        str(base / "npp" / "b.h5")]
+
+
+def test_base_directory_deleted_and_recreated(watchers: list[OriginWatcher],
+                                              tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    sink = watch(watchers, base / "{name}.dat")
+    first = write(base / "a.dat")
+    assert sink.next()[0] == str(first)
+    shutil.rmtree(base)
+    base.mkdir()
+    again = write(base / "b.dat")
+    assert sink.until(again)[-1] == str(again)
+
+
+def test_symlinked_base_reports_configured_paths(watchers: list[OriginWatcher],
+                                                 tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    sink = watch(watchers, tmp_path / "link" / "{name}.dat")
+    write(real / "x.dat")
+    assert sink.next()[0] == str(tmp_path / "link" / "x.dat")
