@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import trollmoves  # noqa: E402
-from tests import servers  # noqa: E402
-from trollmoves.filesystems import POOL  # noqa: E402
-from trollmoves.movers import move_it  # noqa: E402
+import trollmoves
+from tests import servers
+from trollmoves.filesystems import POOL
+from trollmoves.movers import move_it
 
 REFERENCE = Path(os.environ.get("TROLLMOVES_REFERENCE_VENV", "/opt/trollmoves019"))
 
