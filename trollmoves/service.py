@@ -32,7 +32,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from trollmoves.config import ConfigError, read_ini
@@ -40,6 +48,10 @@ from trollmoves.config import ConfigError, read_ini
 LOG = logging.getLogger(__name__)
 
 Sections = dict[str, dict[str, Any]]
+#: Events that may change the config file: written, replaced by a rename, (re)linked, removed.
+#: Not modifications: a log file in the same directory would wake the watcher all the time.
+_CONFIG_EVENTS = [FileClosedEvent, FileMovedEvent, FileCreatedEvent, FileDeletedEvent,
+                  DirMovedEvent]
 
 
 class Worker(Protocol):
@@ -94,8 +106,6 @@ class _ConfigFileHandler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         """Any change in the directory may be the file (editors rename, k8s swaps links)."""
-        if event.event_type in {"opened", "closed_no_write"}:
-            return
         if _signature(self.runner.config_path) != self.runner.loaded_signature:
             self.runner.request_reload()
 
@@ -104,18 +114,21 @@ class ServiceRunner:
     """Start, reload and stop the workers of the sections of one INI file.
 
     ``kind`` names the schema (``"server"``, ``"client"``, ``"mirror"``); ``validate`` can add
-    whole-file checks (for example, two sections on one port). ``stop_timeout`` bounds how long
-    :meth:`stop` waits for each worker's ``join``.
+    whole-file checks (for example, two sections on one port). ``on_stop`` is called once when
+    the final stop begins, before the workers are stopped (e.g. to cut retry pauses short).
+    ``stop_timeout`` bounds how long :meth:`stop` waits for each worker's ``join``.
     """
 
     def __init__(self, config_path: str | os.PathLike[str], kind: str, factory: WorkerFactory,
                  *, validate: Validator | None = None, watch_config: bool = True,
+                 on_stop: Callable[[], None] | None = None,
                  stop_timeout: float | None = None) -> None:
         self.config_path = os.fspath(config_path)
         self.kind = kind
         self.factory = factory
         self.validate = validate
         self.watch_config = watch_config
+        self.on_stop = on_stop
         self.stop_timeout = stop_timeout
         self.loaded_signature: tuple[int, int, int] | None = None
         self._sections: Sections = {}
@@ -217,6 +230,8 @@ class ServiceRunner:
                 return
             self._stopped = True
             self._unwatch()
+            if self.on_stop is not None:
+                self.on_stop()
             names = list(self._workers)
             self._stop_workers(names)
             self._sections.clear()
@@ -284,7 +299,8 @@ class ServiceRunner:
     def _watch(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.config_path))
         observer = Observer()
-        observer.schedule(_ConfigFileHandler(self), directory, recursive=False)
+        observer.schedule(_ConfigFileHandler(self), directory, recursive=False,
+                          event_filter=_CONFIG_EVENTS)
         observer.daemon = True
         try:
             observer.start()
