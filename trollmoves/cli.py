@@ -20,6 +20,8 @@ from trollmoves.transfer import transfer
 #: Sub-commands served by a front end's own ``main(argv)``: name -> (module, help).
 FRONT_ENDS: dict[str, tuple[str, str]] = {
     "client": ("trollmoves.client", "request announced files"),
+    "server": ("trollmoves.server", "announce files and serve transfer requests"),
+    "check": ("trollmoves.check", "validate a configuration file"),
 }
 
 PROGRESS_THRESHOLD = 8 * 1024 * 1024

@@ -1,0 +1,781 @@
+"""Trollmoves Server: announce the files arriving in watched directories and serve requests.
+
+``move_it_server.py [-p PORT] [--disable-backlog] [-w] [-v] [-l LOGFILE] [-c LOG_CONFIG] CONFIG``
+
+One publisher (``move_it_server`` on ``-p``, 9010 by default, heartbeats every 30 s) is shared
+by every section of the INI file. Each section is a :class:`Section` worker:
+
+- ``origin`` sections watch a trollsift pattern (:mod:`trollmoves.watch`); ``listen`` sections
+  relay posttroll messages about local files. Files go through a queue to one announcer thread
+  which optionally unpacks them (``compression``) and publishes the announcement.
+- With ``request_port``, a :class:`RequestServer` answers ``push`` (copy through the engine to the
+  requested destination), ``ack``, ``ping``, ``info``; anything else gets ``unknown`` and
+  malformed input gets ``err`` (or, past a hard size limit, is dropped by ZeroMQ). A push is
+  served only for a file this section announced, or one matching its full ``origin`` once
+  ``..`` and links are resolved.
+- Files are removed ``remove_delay`` seconds after a push or ack when ``delete`` is set (and
+  unpacked copies always); unpacked copies nobody asks for go after ``unpacked_retention``.
+
+The sections run under :class:`trollmoves.service.ServiceRunner`: config edits and SIGHUP
+reload only the changed sections, SIGTERM finishes the transfers in flight and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import heapq
+import logging
+import os
+import posixpath
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import zmq
+from posttroll.backends.zmq import get_context
+from posttroll.backends.zmq.socket import close_socket, set_up_server_socket
+from posttroll.message import Message
+from posttroll.publisher import Publisher
+from posttroll.subscriber import create_subscriber_from_dict_config
+
+from trollmoves import announce, unpack
+from trollmoves.config import ConfigError
+from trollmoves.errors import TransferError
+from trollmoves.logs import add_logging_arguments, setup_logging
+from trollmoves.messages import iter_files, local_path
+from trollmoves.service import ServiceRunner
+from trollmoves.transfer import interrupt_retries, transfer
+from trollmoves.urls import LOCAL_SCHEMES
+from trollmoves.watch import DEFAULT_POLL_INTERVAL, OriginPattern, OriginWatcher
+
+LOG = logging.getLogger(__name__)
+
+NAME = "move_it_server"
+DEFAULT_PORT = 9010
+HEARTBEAT_INTERVAL = 30.0
+#: Seconds subscribers get to (re)connect to a freshly started publisher before the backlog.
+PUBLISHER_GRACE = 1.0
+#: Largest request answered; bigger ones get an ``err`` reply.
+MAX_REQUEST_BYTES = 1024 * 1024
+#: Largest message ZeroMQ accepts at all; the connection of a peer sending more is dropped.
+HARD_REQUEST_LIMIT = 16 * 1024 * 1024
+#: Pushes served at once per section.
+TRANSFER_WORKERS = 8
+DEFAULT_REMOVE_DELAY = 30.0
+#: Seconds an unpacked copy nobody requested is kept (``unpacked_retention``).
+DEFAULT_UNPACKED_RETENTION = 600.0
+#: ``topic/uid`` entries kept for ``info`` replies (as trollmoves 0.19).
+FILE_CACHE_SIZE = 61000
+#: Largest ``max_count`` an ``info`` reply honours.
+MAX_INFO_COUNT = 2256
+#: Announced files remembered per section to serve pushes for them.
+SERVED_CAPACITY = 100_000
+#: Keys trollmoves 0.19 still accepts outside ``connection_parameters``.
+LEGACY_CONNECTION_KEYS = ("connection_uptime", "ssh_key_filename", "ssh_connection_timeout",
+                          "ssh_private_key_file")
+#: Seconds the request loop of a listen section waits before checking for a stop.
+LISTEN_TIMEOUT = 0.5
+
+
+# -- shared by all sections ----------------------------------------------------------------
+
+class ServerContext:
+    """What the sections of one server share: publisher, file cache, command-line options."""
+
+    def __init__(self, publisher: Any, *, backlog: bool = True, polling: bool = False,
+                 grace: float = PUBLISHER_GRACE) -> None:
+        self.publisher = publisher
+        self.backlog = backlog
+        self.polling = polling
+        self.started = dt.datetime.now(dt.UTC)
+        self._ready_at = time.monotonic() + grace
+        self._cache: deque[str] = deque(maxlen=FILE_CACHE_SIZE)
+        self._cache_lock = threading.Lock()
+
+    def publish(self, message: Message) -> None:
+        """Send a message on the shared publisher (thread-safe)."""
+        self.publisher.send(message.encode())
+
+    def wait_for_subscribers(self, stop: threading.Event) -> None:
+        """Give subscribers time to (re)connect after the publisher started."""
+        remaining = self._ready_at - time.monotonic()
+        if remaining > 0:
+            stop.wait(remaining)
+
+    def remember(self, topic: str, uids: Iterable[str]) -> None:
+        """Record announced files for ``info`` replies."""
+        with self._cache_lock:
+            self._cache.extendleft(f"{topic}/{uid}" for uid in uids)
+
+    def cached(self, subject: str, max_count: int) -> list[str]:
+        """The most recent ``topic/uid`` entries starting with ``subject``."""
+        files = []
+        with self._cache_lock:
+            for entry in self._cache:
+                if entry.startswith(subject):
+                    files.append(entry)
+                    if len(files) >= max_count:
+                        break
+        return files
+
+    @property
+    def uptime(self) -> dt.timedelta:
+        """Time since the server started."""
+        return dt.datetime.now(dt.UTC) - self.started
+
+
+class Heartbeat(threading.Thread):
+    """Publish ``beat`` messages on ``/heartbeat/<name>`` every ``interval`` seconds.
+
+    The first beat comes ``first_after`` seconds after the start, once subscribers that were
+    waiting for the publisher have had time to connect: they learn at once that it is back.
+    """
+
+    def __init__(self, publish: Callable[[Message], None], name: str,
+                 interval: float = HEARTBEAT_INTERVAL, first_after: float = 0.0) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.publish = publish
+        self.subject = f"/heartbeat/{name}"
+        self.interval = interval
+        self.first_after = first_after
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        """Beat every interval until stopped."""
+        if self._stop_event.wait(self.first_after):
+            return
+        while True:
+            try:
+                self.publish(Message(self.subject, "beat", {"min_interval": int(self.interval)}))
+            except zmq.ZMQError as err:
+                LOG.warning("Heartbeat not sent: %s", err)
+            if self._stop_event.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        """Stop beating."""
+        self._stop_event.set()
+
+
+class DelayedRemover:
+    """Remove files at given times, from one thread blocking on a condition (no polling).
+
+    Scheduling a file that is already scheduled keeps the earlier of the two times.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"remove-{name}", daemon=True)
+
+    def start(self) -> None:
+        """Start the removal thread."""
+        self._thread.start()
+
+    def schedule(self, path: str, delay: float) -> None:
+        """Remove ``path`` in ``delay`` seconds (or earlier, if already due earlier)."""
+        when = time.monotonic() + delay
+        with self._cond:
+            if path in self._due and self._due[path] <= when:
+                return
+            self._due[path] = when
+            heapq.heappush(self._heap, (when, path))
+            self._cond.notify()
+        LOG.debug("%s: removing %s in %.1f s", self.name, path, delay)
+
+    def pending(self) -> int:
+        """How many files wait for removal."""
+        with self._cond:
+            return len(self._due)
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                when, path = self._heap[0]
+                wait = when - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                if self._due.get(path) != when:
+                    continue  # rescheduled earlier: this entry is stale
+                del self._due[path]
+                self._cond.release()
+                try:
+                    _remove(path, self.name)
+                finally:
+                    self._cond.acquire()
+
+    def stop(self) -> None:
+        """Stop; files not yet due stay where they are."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            left = len(self._due)
+        if left:
+            LOG.info("%s: %d file(s) left that were due for removal later", self.name, left)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the removal thread to end."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def _remove(path: str, name: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        LOG.debug("%s: %s was already removed", name, path)
+    except OSError as err:
+        LOG.warning("%s: cannot remove %s: %s", name, path, err)
+    else:
+        LOG.debug("%s: removed %s", name, path)
+
+
+# -- the request socket ----------------------------------------------------------------------
+
+class RequestServer:
+    """A ROUTER socket answering posttroll requests; slow ones run on a thread pool.
+
+    ``handle(message)`` returns the reply; for messages where ``is_slow(message)`` it runs on one
+    of ``workers`` threads, others are answered at once. One thread owns the ROUTER socket; the
+    pool hands replies back to it over an inproc socket. Malformed input (wrong frames, not a
+    posttroll message, larger than ``max_bytes``) gets an ``err`` reply and a log line.
+    :meth:`stop` stops reading requests; :meth:`join` waits for the replies in flight.
+    """
+
+    def __init__(self, name: str, port: int, handle: Callable[[Message], Message],
+                 is_slow: Callable[[Message], bool], *, workers: int = TRANSFER_WORKERS,
+                 max_bytes: int = MAX_REQUEST_BYTES) -> None:
+        self.name = name
+        self.port = port
+        self.handle = handle
+        self.is_slow = is_slow
+        self.max_bytes = max_bytes
+        self._inproc = f"inproc://trollmoves-replies-{id(self)}"
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"push-{name}")
+        self._local = threading.local()
+        self._reply_sockets: list[zmq.Socket[bytes]] = []
+        self._reply_lock = threading.Lock()
+        self._router: zmq.Socket[bytes] | None = None
+        self._replies: zmq.Socket[bytes] | None = None
+        self._thread = threading.Thread(target=self._serve, name=f"requests-{name}", daemon=True)
+
+    def start(self) -> None:
+        """Bind the sockets (errors such as a port in use raise here) and start serving."""
+        options = {zmq.MAXMSGSIZE: HARD_REQUEST_LIMIT, zmq.LINGER: 1000}
+        self._router, _, _ = set_up_server_socket(zmq.ROUTER, f"tcp://*:{self.port}", options)
+        self._replies = get_context().socket(zmq.PULL)
+        self._replies.bind(self._inproc)
+        self._thread.start()
+        LOG.info("%s: serving requests on port %d", self.name, self.port)
+
+    def stop(self) -> None:
+        """Stop reading requests (the thread finishes the ones in flight)."""
+        if self._thread.is_alive():
+            self._send_reply([b"STOP"])
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until every reply in flight was sent and the sockets are closed."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the socket thread ------------------------------------------------------------------
+    def _serve(self) -> None:
+        assert self._router is not None and self._replies is not None
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._replies, zmq.POLLIN)
+        in_flight = 0
+        draining = False
+        try:
+            while not (draining and in_flight == 0):
+                for sock, _ in poller.poll():
+                    if sock is self._replies:
+                        frames = self._replies.recv_multipart()
+                        if frames == [b"STOP"]:
+                            draining = True
+                            poller.unregister(self._router)
+                        else:
+                            in_flight -= 1
+                            self._router.send_multipart(frames)
+                    elif not draining:
+                        in_flight += self._receive()
+        except Exception:
+            LOG.exception("%s: the request loop failed", self.name)
+        finally:
+            self._pool.shutdown(wait=True)
+            for sock in [*self._reply_sockets, self._replies, self._router]:
+                close_socket(sock)
+
+    def _receive(self) -> int:
+        """Read one request; answer it or hand it to the pool. Returns 1 when handed over."""
+        assert self._router is not None
+        frames = self._router.recv_multipart(copy=False)
+        identity = frames[0].bytes
+        peer = _peer(frames[-1])
+        if len(frames) != 3 or frames[1].bytes != b"":
+            LOG.warning("%s: refused a request from %s: %d frame(s) instead of an envelope and "
+                        "one message", self.name, peer, len(frames) - 1)
+            self._reply_now(identity, announce.error_reply(
+                "", "invalid request: expected exactly one message frame"))
+            return 0
+        payload = frames[2].bytes
+        if len(payload) > self.max_bytes:
+            LOG.warning("%s: refused a request from %s: %d bytes, more than %d", self.name, peer,
+                        len(payload), self.max_bytes)
+            self._reply_now(identity, announce.error_reply(
+                "", f"request too large ({len(payload)} bytes, at most {self.max_bytes})"))
+            return 0
+        try:
+            message = Message(rawstr=payload.decode("utf-8"))
+        except Exception as err:  # noqa: BLE001 - posttroll raises many kinds on garbage
+            LOG.warning("%s: refused a request from %s: not a posttroll message (%s: %.80r)",
+                        self.name, peer, type(err).__name__, payload[:80])
+            self._reply_now(identity, announce.error_reply(
+                "", "invalid request: not a posttroll message"))
+            return 0
+        if self.is_slow(message):
+            self._pool.submit(self._answer_later, identity, message)
+            return 1
+        self._reply_now(identity, self._answer(message))
+        return 0
+
+    def _reply_now(self, identity: bytes, reply: Message) -> None:
+        assert self._router is not None
+        self._router.send_multipart([identity, b"", reply.encode().encode()])
+
+    # -- answering --------------------------------------------------------------------------
+    def _answer(self, message: Message) -> Message:
+        try:
+            return self.handle(message)
+        except Exception as err:  # a request must always get a reply
+            LOG.exception("%s: failed to handle a %s request", self.name, message.type)
+            return announce.error_reply(message.subject, f"server error: {type(err).__name__}")
+
+    def _answer_later(self, identity: bytes, message: Message) -> None:
+        reply = self._answer(message)
+        self._send_reply([identity, b"", reply.encode().encode()])
+
+    def _send_reply(self, frames: list[bytes]) -> None:
+        sock = getattr(self._local, "socket", None)
+        if sock is None:
+            sock = get_context().socket(zmq.PUSH)
+            sock.connect(self._inproc)
+            self._local.socket = sock
+            with self._reply_lock:
+                self._reply_sockets.append(sock)
+        sock.send_multipart(frames)
+
+
+def _peer(frame: zmq.Frame) -> str:
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError):
+        return "an unknown peer"
+
+
+# -- one section -------------------------------------------------------------------------------
+
+class RequestRefused(Exception):
+    """A request the section does not serve; the text goes back to the requester."""
+
+
+class Section:
+    """The worker of one server section: announce files, serve requests, remove files."""
+
+    def __init__(self, name: str, config: Mapping[str, Any], context: ServerContext) -> None:
+        self.name = name
+        self.config = dict(config)
+        self.ctx = context
+        self.topic: str = self.config["topic"]
+        self.connection = connection_parameters(self.config)
+        self.compression = _compression(self.config)
+        self.working_directory = self.config.get("working_directory") or tempfile.gettempdir()
+        self.delete = bool(self.config.get("delete", False))
+        self.remove_delay = float(self.config.get("remove_delay", DEFAULT_REMOVE_DELAY))
+        self.retention = float(self.config.get("unpacked_retention", DEFAULT_UNPACKED_RETENTION))
+        self.station = self.config.get("station")
+        self.pattern: OriginPattern | None = None
+        self.real_pattern: OriginPattern | None = None
+        if "origin" in self.config:
+            skip = self.config.get("origin_inotify_base_dir_skip_levels")
+            self.pattern = OriginPattern(self.config["origin"], skip)
+            real_base = os.path.realpath(self.pattern.base)
+            if real_base != self.pattern.base:
+                self.real_pattern = OriginPattern(
+                    real_base + self.pattern.origin[len(self.pattern.base):])
+        self._served: OrderedDict[str, None] = OrderedDict()
+        self._served_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.remover = DelayedRemover(name)
+        self.watcher: OriginWatcher | None = None
+        self.requests: RequestServer | None = None
+        if self.config.get("request_port") is not None:
+            self.requests = RequestServer(name, int(self.config["request_port"]), self.handle,
+                                          lambda message: message.type == "push")
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind the request port, then start announcing; on failure nothing is left running."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            self.join()
+            raise
+
+    def _start(self) -> None:
+        if self.requests is not None:
+            self.requests.start()
+        elif self.config.get("unpack"):
+            LOG.warning("%s: unpack=%s in stand-alone mode is not supported yet; archives are "
+                        "announced as files", self.name, self.config["unpack"])
+        if self.compression:
+            os.makedirs(self.working_directory, exist_ok=True)
+        self.remover.start()
+        self._spawn(self._announce_loop, "announce")
+        if self.pattern is not None:
+            self.watcher = OriginWatcher(
+                self.config["origin"], self._enqueue, polling=self.ctx.polling,
+                backlog=self.ctx.backlog, name=self.name,
+                poll_interval=float(self.config.get("watchdog_timeout", DEFAULT_POLL_INTERVAL)),
+                skip_levels=self.config.get("origin_inotify_base_dir_skip_levels"))
+            self.watcher.start()
+        else:
+            self._spawn(self._listen, "listen")
+
+    def stop(self) -> None:
+        """Stop watching and reading requests; queued files are still announced."""
+        self._stopping.set()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self._queue.put(None)
+        if self.requests is not None:
+            self.requests.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the announcements and transfers in flight, then stop removing files."""
+        if self.watcher is not None:
+            self.watcher.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+        if self.requests is not None:
+            self.requests.join(timeout)
+        self.remover.stop()
+        self.remover.join(timeout)
+
+    def _spawn(self, target: Callable[[], None], what: str) -> None:
+        thread = threading.Thread(target=target, name=f"{what}-{self.name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # -- announcing -------------------------------------------------------------------------
+    def _enqueue(self, path: str, fields: dict[str, Any]) -> None:
+        self._queue.put((path, fields))
+
+    def _announce_loop(self) -> None:
+        self.ctx.wait_for_subscribers(self._stopping)
+        while (item := self._queue.get()) is not None:
+            try:
+                self.announce(*item)
+            except Exception:  # one file must not stop the others
+                LOG.exception("%s: cannot announce %s", self.name, item[0])
+
+    def announce(self, path: str, fields: Mapping[str, Any]) -> None:
+        """Unpack ``path`` if configured, then announce what is to be served."""
+        served = self._unpacked(path)
+        for target in served:
+            info = announce.announcement_info(self.config, target, fields)
+            self._serve(target)
+            self.ctx.remember(self.topic, [info["uid"]])
+            self.ctx.publish(Message(self.topic, "file", info))
+            LOG.debug("%s: announced %s", self.name, target)
+
+    def _unpacked(self, path: str) -> list[str]:
+        if not self.compression:
+            return [path]
+        try:
+            outputs = unpack.unpack(self.compression, path, self.working_directory,
+                                    prog=self.config.get("prog"))
+        except unpack.UnpackError as err:
+            LOG.error("%s: %s; announcing it as it is", self.name, err)
+            return [path]
+        if outputs != [path]:
+            if self.delete:
+                _remove(path, self.name)
+            for output in outputs:
+                self.remover.schedule(output, self.retention)
+        return outputs
+
+    def _serve(self, path: str) -> None:
+        with self._served_lock:
+            self._served[os.path.realpath(path)] = None
+            if len(self._served) > SERVED_CAPACITY:
+                self._served.popitem(last=False)
+
+    def _listen(self) -> None:
+        settings = {"topics": [self.config["listen"]], "addresses": self.config.get("addresses"),
+                    "services": self.config.get("services", ""), "addr_listener": True,
+                    "nameserver": self.config.get("nameserver")}
+        try:
+            subscriber = create_subscriber_from_dict_config(settings)
+        except Exception:  # the section stays up, saying why
+            LOG.exception("%s: cannot subscribe to %s", self.name, self.config["listen"])
+            return
+        LOG.info("%s: relaying %s", self.name, self.config["listen"])
+        try:
+            for message in subscriber.recv(timeout=LISTEN_TIMEOUT):
+                if self._stopping.is_set():
+                    break
+                if message is not None:
+                    self.relay(message)
+        finally:
+            subscriber.stop()
+
+    def relay(self, message: Message) -> None:
+        """Announce again, under this section's topic, a message about local files."""
+        paths = [local_path(item) for item in iter_files(message.data)]
+        if not paths or None in paths:
+            LOG.debug("%s: not relaying %s: not about local files", self.name, message.subject)
+            return
+        info = announce.relay_info(self.config, message.data)
+        for path in paths:
+            self._serve(str(path))
+        self.ctx.remember(self.topic, [i["uid"] for i in iter_files(info) if "uid" in i])
+        self.ctx.publish(Message(self.topic, message.type, info))
+
+    # -- requests ---------------------------------------------------------------------------
+    def handle(self, message: Message) -> Message:
+        """Answer one request."""
+        handler = {"push": self.push, "ack": self.ack, "ping": self.ping,
+                   "info": self.info}.get(message.type, announce.unknown_reply)
+        try:
+            return handler(message)
+        except RequestRefused as err:
+            LOG.warning("%s: refused %s request: %s", self.name, message.type, err)
+            return announce.error_reply(message.subject, str(err))
+
+    def ping(self, message: Message) -> Message:
+        """``pong`` with the station name."""
+        return announce.pong(message, self.station)
+
+    def info(self, message: Message) -> Message:
+        """The files announced recently under the request's subject."""
+        max_count = MAX_INFO_COUNT
+        data = message.data
+        if isinstance(data, Mapping) and isinstance(data.get("max_count"), int):
+            max_count = max(0, min(data["max_count"], MAX_INFO_COUNT))
+        files = self.ctx.cached(message.subject, max_count)
+        return announce.info_reply(message, files, max_count, self.ctx.uptime)
+
+    def push(self, message: Message) -> Message:
+        """Copy the requested file(s) to the destination, then reply."""
+        data = message.data
+        if not isinstance(data, Mapping):
+            raise RequestRefused("a push needs the announcement data and a destination")
+        destination = data.get("destination")
+        if not isinstance(destination, str) or not destination:
+            raise RequestRefused("a push needs a destination")
+        items = [(self.served_path(item.get("uri")), item.get("path"))
+                 for item in self._files(data)]
+        backup_hosts = data.get("backup_targets")
+        if isinstance(backup_hosts, str):
+            backup_hosts = backup_hosts.split()
+        for path, rel_path in items:
+            target = destination_for(destination, rel_path)
+            try:
+                result = transfer(path, target, backup_hosts=backup_hosts, **self.connection)
+            except TransferError as err:
+                LOG.error("%s: push of %s failed: %s", self.name, path, err)
+                return announce.error_reply(message.subject, str(err))
+            LOG.info("%s: sent %s to %s", self.name, path, result.dst)
+        self._after_delivery(path for path, _ in items)
+        return announce.push_reply(message)
+
+    def ack(self, message: Message) -> Message:
+        """The requester has the file(s) already: they may now be removed."""
+        data = message.data if isinstance(message.data, Mapping) else {}
+        paths = [self.served_path(item.get("uri")) for item in self._files(data)]
+        self._after_delivery(paths)
+        return announce.ack_reply(message)
+
+    def _files(self, data: Mapping[str, Any]) -> list[dict[str, Any]]:
+        items = [item for item in iter_files(data) if item.get("uri")]
+        if not items:
+            raise RequestRefused("no file (uri) in the request")
+        return items
+
+    def _after_delivery(self, paths: Iterable[str]) -> None:
+        if self.delete or self.compression:
+            for path in paths:
+                self.remover.schedule(path, self.remove_delay)
+
+    def served_path(self, uri: Any) -> str:
+        """The real local path of a requested file, if this section serves it.
+
+        Served are the files this section announced and those matching its full ``origin``
+        once ``..`` and symbolic links are resolved; anything else raises
+        :class:`RequestRefused`.
+        """
+        if not isinstance(uri, str):
+            raise RequestRefused("invalid uri")
+        parts = urlsplit(uri)
+        if parts.scheme.lower() not in LOCAL_SCHEMES or not parts.path:
+            raise RequestRefused(f"{uri} is not a local file of this server")
+        real = os.path.realpath(parts.path)
+        with self._served_lock:
+            announced = real in self._served
+        if not (announced or any(p is not None and p.match(real) is not None
+                                 for p in (self.pattern, self.real_pattern))):
+            raise RequestRefused(f"{parts.path} is not served by section {self.name}")
+        return real
+
+
+def _compression(config: Mapping[str, Any]) -> str | None:
+    value = config.get("compression")
+    if value in (None, False, "", "false", "False"):
+        return None
+    return str(value)
+
+
+def connection_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The copy engine's options of a section (legacy top-level keys folded in)."""
+    params = dict(config.get("connection_parameters") or {})
+    for key in LEGACY_CONNECTION_KEYS:
+        if key in config:
+            params.setdefault(key, config[key])
+    return params
+
+
+def destination_for(destination: str, rel_path: Any = None) -> str:
+    """The URL a file is copied to: ``destination``, plus the request's relative ``path``.
+
+    A local destination naming an existing directory gets a trailing ``/`` (the file keeps its
+    name), as trollmoves 0.19 did.
+    """
+    parts = urlsplit(destination)
+    path = parts.path
+    if isinstance(rel_path, str) and rel_path:
+        path = posixpath.join(path, rel_path)
+    local = parts.scheme.lower() in LOCAL_SCHEMES
+    if local and not path.endswith("/") and os.path.isdir(path):
+        path += "/"
+    if not parts.scheme:
+        return path
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
+def validate_sections(path: str, sections: Mapping[str, Mapping[str, Any]]) -> None:
+    """Whole-file checks: one section per request port, unpack programs and names known."""
+    ports: dict[int, str] = {}
+    for name, section in sections.items():
+        port = section.get("request_port")
+        if port is not None:
+            if port in ports:
+                raise ConfigError(path, name, "request_port",
+                                  f"port {port} is already used by section {ports[port]}")
+            ports[port] = name
+        compression = _compression(section)
+        if compression:
+            try:
+                unpack.get(compression)
+            except unpack.UnpackError as err:
+                raise ConfigError(path, name, "compression", str(err)) from None
+            if unpack.get(compression).name == "xrit" and not section.get("prog"):
+                raise ConfigError(path, name, "prog",
+                                  "compression = xrit needs prog (the xRITDecompress program)")
+
+
+# -- the program ---------------------------------------------------------------------------
+
+class Server:
+    """The whole server: publisher, heartbeat and the section runner."""
+
+    def __init__(self, config_path: str, *, port: int = DEFAULT_PORT, backlog: bool = True,
+                 polling: bool = False, grace: float = PUBLISHER_GRACE) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.backlog = backlog
+        self.polling = polling
+        self.grace = grace
+        self.context: ServerContext | None = None
+        self.runner = ServiceRunner(config_path, "server", self._make_section,
+                                    validate=validate_sections, on_stop=interrupt_retries)
+
+    def _make_section(self, name: str, config: dict[str, Any]) -> Section:
+        assert self.context is not None
+        return Section(name, config, self.context)
+
+    def run(self) -> None:
+        """Publish, start the sections and serve until SIGTERM/SIGINT."""
+        publisher = Publisher(f"tcp://*:{self.port}", name=NAME)
+        publisher.start()
+        self.context = ServerContext(publisher, backlog=self.backlog, polling=self.polling,
+                                     grace=self.grace)
+        heartbeat = Heartbeat(self.context.publish, NAME, first_after=self.grace)
+        heartbeat.start()
+        try:
+            self.runner.start()
+            LOG.info("%s ready: %d section(s), publishing on port %d", NAME,
+                     len(self.runner.workers), publisher.port_number)
+            self.runner.run()
+        finally:
+            heartbeat.stop()
+            heartbeat.join()
+            publisher.stop()
+            LOG.info("%s stopped", NAME)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The trollmoves 0.19 command line of ``move_it_server.py``."""
+    parser = argparse.ArgumentParser(prog="move_it_server.py", description=(
+        "Announce the files arriving in watched directories and serve transfer requests."))
+    parser.add_argument("config_file", metavar="CONFIG", help="the INI configuration file")
+    parser.add_argument("-p", "--port", type=int, default=DEFAULT_PORT,
+                        help=f"port to publish on (default {DEFAULT_PORT}; 0: any free port)")
+    parser.add_argument("--disable-backlog", action="store_true",
+                        help="do not announce the files already there at start")
+    parser.add_argument("-w", "--watchdog", action="store_true",
+                        help="poll the directories instead of using inotify")
+    add_logging_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server; exit status 1 when the configuration cannot be used."""
+    args = parse_args(argv)
+    setup_logging(args)
+    logging.getLogger("watchdog").setLevel(logging.INFO)  # a debug line per inotify event
+    server = Server(args.config_file, port=args.port, backlog=not args.disable_backlog,
+                    polling=args.watchdog)
+    try:
+        server.run()
+    except (ConfigError, zmq.ZMQError) as err:
+        problem = str(err) if isinstance(err, ConfigError) else (
+            f"cannot publish on port {args.port}: {err}")
+        LOG.error("%s", problem)
+        if args.log or args.log_config:  # the log is elsewhere: say it here too
+            print(f"move_it_server.py: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
