@@ -22,6 +22,7 @@ FRONT_ENDS: dict[str, tuple[str, str]] = {
     "client": ("trollmoves.client", "request announced files"),
     "server": ("trollmoves.server", "announce files and serve transfer requests"),
     "check": ("trollmoves.check", "validate a configuration file"),
+    "s3download": ("trollmoves.s3downloader", "download announced S3 objects"),
 }
 
 PROGRESS_THRESHOLD = 8 * 1024 * 1024

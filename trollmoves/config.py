@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 _TRUE = {"true", "yes", "on", "1"}
@@ -129,15 +130,20 @@ def typed_section(path: str, name: str, raw: Mapping[str, str], kind: str) -> di
         section = _nest(flat)
     except ValueError as err:
         raise ConfigError(path, name, None, str(err)) from None
-    validator = jsonschema.Draft202012Validator(schema)
-    error = next(iter(sorted(validator.iter_errors(section), key=lambda e: e.path)), None)
+    validate(path, name, section, kind)
+    return section
+
+
+def validate(path: str, section: str | None, data: Any, kind: str) -> None:
+    """Validate ``data`` against the ``kind`` schema; raise :class:`ConfigError` naming the key."""
+    validator = jsonschema.Draft202012Validator(load_schema(kind))
+    error = next(iter(sorted(validator.iter_errors(data), key=lambda e: e.path)), None)
     if error is not None:
         key = ".".join(str(p) for p in error.path) or None
         problem = error.message
         if error.validator in {"anyOf", "required"}:
             problem = _missing_keys(error)
-        raise ConfigError(path, name, key, problem)
-    return section
+        raise ConfigError(path, section, key, problem)
 
 
 def _missing_keys(error: jsonschema.ValidationError) -> str:
@@ -160,3 +166,16 @@ def read_ini(path: str | Path, kind: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(path, None, None, f"not a valid INI file: {err.message}") from None
     return {name: typed_section(str(path), name, dict(parser.items(name)), kind)
             for name in parser.sections()}
+
+
+def read_yaml(path: str | Path, kind: str) -> dict[str, Any]:
+    """Read a YAML file of ``kind`` (e.g. "s3downloader") and validate it against its schema."""
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle)
+    except OSError as err:
+        raise ConfigError(path, None, None, f"cannot read: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(path, None, None, f"not a valid YAML file: {err}") from None
+    validate(str(path), None, data, kind)
+    return data

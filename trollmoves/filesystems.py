@@ -234,6 +234,7 @@ class _Entry:
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
     uptime: float = DEFAULT_CONNECTION_UPTIME
+    discarded: bool = False  #: out of the pool; closed when its last user returns it
 
 
 def close_filesystem(fs: Any) -> None:
@@ -279,7 +280,10 @@ class FilesystemPool:
             with self._lock:
                 entry.users -= 1
                 entry.last_used = time.monotonic()
+                orphan = entry.discarded and entry.users == 0
                 self._wake.notify()
+            if orphan:
+                close_filesystem(entry.fs)
 
     def _checkout(self, ep: Endpoint, uptime: float) -> _Entry:
         with self._lock:
@@ -300,10 +304,17 @@ class FilesystemPool:
             return entry
 
     def discard(self, ep: Endpoint) -> None:
-        """Forget (and close) the connection for ``ep``, e.g. after it broke."""
+        """Forget the connection for ``ep``, e.g. after it broke; the next use connects anew.
+
+        It is closed now, or when the last transfer still using it in another thread is done.
+        """
         with self._lock:
             entry = self._entries.pop(ep.key, None)
-        if entry is not None:
+            if entry is None:
+                return
+            entry.discarded = True
+            busy = entry.users > 0
+        if not busy:
             close_filesystem(entry.fs)
 
     def close_all(self) -> None:

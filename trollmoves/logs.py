@@ -42,7 +42,11 @@ def add_logging_arguments(parser: argparse.ArgumentParser, log_file: bool = True
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    """Configure logging from parsed arguments; every handler gets the redaction filter."""
+    """Configure logging from parsed arguments; every handler gets the redaction filter.
+
+    A log file rotates every ``args.log_rotation_days`` midnights (default 1) and keeps
+    ``args.log_rotation_backup`` old files (default 7) when the arguments carry them.
+    """
     config_file = getattr(args, "log_config", None)
     if config_file:
         with open(config_file) as handle:
@@ -50,8 +54,11 @@ def setup_logging(args: argparse.Namespace) -> None:
     else:
         log_file = getattr(args, "log", None)
         if log_file:
+            days = getattr(args, "log_rotation_days", None) or 1
+            backups = getattr(args, "log_rotation_backup", None)
             handler: logging.Handler = logging.handlers.TimedRotatingFileHandler(
-                log_file, when="midnight", backupCount=7)
+                log_file, when="midnight", interval=days,
+                backupCount=7 if backups is None else backups)
         else:
             handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
