@@ -67,6 +67,8 @@ PUBLISHER_GRACE = 1.0
 MAX_REQUEST_BYTES = 1024 * 1024
 #: Largest message ZeroMQ accepts at all; the connection of a peer sending more is dropped.
 HARD_REQUEST_LIMIT = 16 * 1024 * 1024
+#: Milliseconds the last replies get to leave when a request socket closes.
+REPLY_LINGER_MS = 1000
 #: Pushes served at once per section.
 TRANSFER_WORKERS = 8
 DEFAULT_REMOVE_DELAY = 30.0
@@ -277,7 +279,7 @@ class RequestServer:
 
     def start(self) -> None:
         """Bind the sockets (errors such as a port in use raise here) and start serving."""
-        options = {zmq.MAXMSGSIZE: HARD_REQUEST_LIMIT, zmq.LINGER: 1000}
+        options = {zmq.MAXMSGSIZE: HARD_REQUEST_LIMIT}
         self._router, _, _ = set_up_server_socket(zmq.ROUTER, f"tcp://*:{self.port}", options)
         self._replies = get_context().socket(zmq.PULL)
         self._replies.bind(self._inproc)
@@ -319,8 +321,9 @@ class RequestServer:
             LOG.exception("%s: the request loop failed", self.name)
         finally:
             self._pool.shutdown(wait=True)
-            for sock in [*self._reply_sockets, self._replies, self._router]:
+            for sock in [*self._reply_sockets, self._replies]:
                 close_socket(sock)
+            self._router.close(linger=REPLY_LINGER_MS)  # let the last replies leave
 
     def _receive(self) -> int:
         """Read one request; answer it or hand it to the pool. Returns 1 when handed over."""
@@ -514,6 +517,9 @@ class Section:
         try:
             outputs = unpack.unpack(self.compression, path, self.working_directory,
                                     prog=self.config.get("prog"))
+        except unpack.UnsafeArchiveError as err:
+            LOG.error("%s: %s; not announced", self.name, err)
+            return []
         except unpack.UnpackError as err:
             LOG.error("%s: %s; announcing it as it is", self.name, err)
             return [path]
