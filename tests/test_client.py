@@ -589,3 +589,19 @@ def test_the_example_config_reads() -> None:
     sections = read_ini(path, "client")
     settings = [ClientSettings.from_section(name, s) for name, s in sections.items()]
     assert [s.compression for s in settings] == [None, "tar"]
+
+
+def test_hot_spare_section_takes_over_a_push_never_acked(
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = fake_server()
+    primary = fake_server()
+    spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
+                    processing_delay=0.5, transfer_req_timeout=0.3)
+    watcher = _subscribed_watcher(spare, [server, primary])
+    message = server.announce("a.h5")
+    primary.pub.send_string(Message("/1b/hrit", "push", message.data).encode())  # then dies
+    with caplog.at_level(logging.WARNING, logger="trollmoves.hotspare"):
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [r.data["uid"] for r in server.requests] == ["a.h5"]
+    assert "taking over" in caplog.text

@@ -317,6 +317,8 @@ class ClientSection:
         if reply.type != "ack":
             LOG.warning("Server %s answered %s to ack of %s", server, reply.type,
                         announcement.data.get("uid"))
+        else:
+            LOG.debug("Sent ack for %s to %s", announcement.data.get("uid"), server)
 
     def _publish(self, message: Message) -> None:
         publisher = self.publisher

@@ -22,12 +22,15 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+LOG = logging.getLogger(__name__)
 
 FileKey = tuple[str, ...]
 A = TypeVar("A")
@@ -188,6 +191,9 @@ class Tracker(Generic[A]):
                 if not entry.announcements:
                     del self._entries[key]  # a peer's push for a file never announced to us
                     continue
+                if entry.state is State.PEER:
+                    LOG.warning("%s: another client pushed it but did not ack it within %g s; "
+                                "taking over", key[0], self.takeover_timeout)
                 entry.state = State.ACTIVE
                 started.append(key)
         return started

@@ -1,0 +1,298 @@
+"""Run trollmoves servers and clients (ours, or trollmoves 0.19 as the reference) as processes.
+
+Used by the end-to-end tests and the benchmarks. Each process is a
+:class:`tests.servers.ManagedServer`: its output goes to a log file, readiness is a log line,
+``stop()`` sends SIGTERM and ``kill()`` SIGKILL. :class:`Listener` subscribes to publishers and
+keeps every posttroll message, and knows when its connections are up (socket monitor), so no
+test has to sleep to get around the PUB/SUB slow-joiner problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import zmq
+from posttroll.message import Message
+from zmq.utils.monitor import recv_monitor_message
+
+from tests.servers import HOST, ManagedServer, free_port
+from trollmoves.subscription import posttroll_topic
+
+#: trollmoves 0.19 in its own virtual environment (never imported, only run).
+REFERENCE = Path(os.environ.get("TROLLMOVES_REFERENCE_VENV", "/opt/trollmoves019"))
+DEADLINE = 20.0
+
+
+def reference_available() -> bool:
+    """True when trollmoves 0.19's scripts are installed."""
+    return (REFERENCE / "bin" / "move_it_server.py").exists()
+
+
+def installed(name: str) -> str | None:
+    """Path of our console script ``name`` in this environment, or None."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def script(name: str, reference: bool = False) -> list[str]:
+    """The command running console script ``name``: ours (this environment) or 0.19's."""
+    if reference:
+        return [str(REFERENCE / "bin" / "python"), str(REFERENCE / "bin" / name)]
+    found = installed(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed (pip install -e .)")
+    return [sys.executable, found]
+
+
+def write_ini(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write an INI file from ``{section: {key: value}}``."""
+    lines = []
+    for name, items in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {value}" for key, value in items.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "",
+             interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something true; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def drop(directory: Path, name: str, content: bytes = b"x" * 1024) -> Path:
+    """Put a file in place the way producers do: write aside, then rename into place."""
+    tmp = directory / f".{uuid.uuid4().hex}.tmp"
+    tmp.write_bytes(content)
+    final = directory / name
+    os.replace(tmp, final)
+    return final
+
+
+class MoveItProcess(ManagedServer):
+    """A ``move_it_server.py`` or ``move_it_client.py`` process."""
+
+    def __init__(self, name: str, directory: Path, argv: list[str],
+                 env: Mapping[str, str] | None = None) -> None:
+        super().__init__(name, directory)
+        self.argv = argv
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+
+    def start(self, ready: str, timeout: float = DEADLINE) -> re.Match[str]:
+        """Start and wait for a log line matching ``ready``."""
+        self._spawn(self.argv, ready=re.compile(ready), env=self.env)
+        return self._wait_ready_line(timeout)
+
+    def wait_log(self, pattern: str, timeout: float = DEADLINE, count: int = 1) -> list[str]:
+        """Wait until ``count`` log lines match ``pattern``; return them."""
+        regex = re.compile(pattern)
+
+        def matches() -> list[str]:
+            found = [line for line in self.log_text().splitlines() if regex.search(line)]
+            return found if len(found) >= count else []
+
+        return wait_for(matches, timeout, f"{count} x {pattern!r} in {self.log_path}")
+
+
+def logging_args(directory: Path, reference: bool) -> list[str]:
+    """Debug logging to the process output: ``-v`` for ours, a log config for 0.19 (whose
+    ``-v`` logs nothing more)."""
+    if not reference:
+        return ["-v"]
+    config = directory / "log.yaml"
+    config.write_text(
+        "version: 1\ndisable_existing_loggers: false\n"
+        "formatters: {plain: {format: '[%(asctime)s %(levelname)-8s %(name)s] %(message)s'}}\n"
+        "handlers: {out: {class: logging.StreamHandler, formatter: plain, "
+        "stream: 'ext://sys.stdout'}}\n"
+        "root: {level: DEBUG, handlers: [out]}\n")
+    return ["-c", str(config)]
+
+
+def start_server(directory: Path, config: Path, port: int, *, reference: bool = False,
+                 extra: Iterable[str] = (), env: Mapping[str, str] | None = None
+                 ) -> MoveItProcess:
+    """Start a server publishing on ``port``; ready once it watches its directories."""
+    name = "ref-server" if reference else "server"
+    argv = [*script("move_it_server.py", reference), *logging_args(directory, reference),
+            "-p", str(port), *extra, str(config)]
+    proc = MoveItProcess(name, directory, argv, env)
+    proc.start(r"Using (os-based|polling) notifier" if reference else r"move_it_server ready")
+    return proc
+
+
+def start_client(directory: Path, config: Path, *, reference: bool = False,
+                 name: str = "client", env: Mapping[str, str] | None = None) -> MoveItProcess:
+    """Start a client; ready once every section has its publisher and subscriptions."""
+    argv = [*script("move_it_client.py", reference), *logging_args(directory, reference),
+            str(config)]
+    proc = MoveItProcess(name, directory, argv, env)
+    proc.start(r"Subscribing to|Add listener" if reference else r"Running \d+ section")
+    return proc
+
+
+def wait_receiving(client: MoveItProcess, port: int, reference: bool = False) -> None:
+    """Wait until ``client`` has received a message from the publisher on ``port``: its
+    subscription is in place there (servers send a heartbeat soon after they start)."""
+    if reference:
+        client.wait_log(r"Receiving \(SUB\) pytroll://heartbeat/move_it_server")
+    else:
+        client.wait_log(rf"Receiving from tcp://[^ ]+:{port}\b")
+
+
+class Listener:
+    """Subscribes to publishers and records every message they send."""
+
+    def __init__(self, ports: Iterable[int], topic: str = "") -> None:
+        self._ctx = zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, posttroll_topic(topic) if topic else "")
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.ports = list(ports)
+        self.messages: list[Message] = []
+        self._connected = 0
+        for port in self.ports:
+            self.sock.connect(f"tcp://{HOST}:{port}")
+
+    def wait_connected(self, timeout: float = DEADLINE) -> None:
+        """Wait until every publisher has accepted the connection (subscriptions sent)."""
+        deadline = time.monotonic() + timeout
+        while self._connected < len(self.ports):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._monitor.poll(int(remaining * 1000)):
+                raise AssertionError(f"listener connected to {self._connected} of {self.ports}")
+            recv_monitor_message(self._monitor)
+            self._connected += 1
+
+    def drain(self, timeout: float = 0.0) -> list[Message]:
+        """Read what has arrived (waiting up to ``timeout`` for the first message)."""
+        new = []
+        wait = int(timeout * 1000)
+        while self.sock.poll(wait):
+            new.append(Message(rawstr=self.sock.recv()))
+            wait = 0
+        self.messages.extend(new)
+        return new
+
+    def collect(self, predicate: Callable[[list[Message]], Any], timeout: float = DEADLINE,
+                what: str = "") -> list[Message]:
+        """Receive until ``predicate(messages)`` holds; AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.messages):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kinds = [(m.type, m.data.get("uid") if isinstance(m.data, dict) else None)
+                         for m in self.messages]
+                raise AssertionError(f"timed out waiting for {what or predicate}; got {kinds}")
+            self.drain(min(remaining, 0.5))
+        return self.messages
+
+    def of_type(self, kind: str) -> list[Message]:
+        """The messages of one type received so far."""
+        return [m for m in self.messages if m.type == kind]
+
+    def uids(self, kind: str) -> list[str]:
+        """The ``uid`` of every message of one type, in order."""
+        return [m.data.get("uid") for m in self.of_type(kind)]
+
+    def close(self) -> None:
+        """Close the sockets."""
+        self.sock.disable_monitor()
+        self._monitor.close(0)
+        self.sock.close(0)
+
+
+class Deployment:
+    """Servers, clients and listeners run together (servers ours, or 0.19's), stopped by
+    :meth:`close`.
+
+    Clients start first and servers at :meth:`run`, so that every client is connected when a
+    server sends its first heartbeat, which tells that its subscription is in place.
+    """
+
+    def __init__(self, tmp_path: Path, reference_server: bool = False) -> None:
+        self.tmp = tmp_path
+        self.reference = reference_server
+        self.procs: list[MoveItProcess] = []
+        self.listeners: list[Listener] = []
+        self._servers: list[tuple[Path, Path, int]] = []
+        self._clients: list[tuple[MoveItProcess, list[int], bool]] = []
+
+    def server(self, sections: dict[str, dict[str, Any]], name: str = "server"
+               ) -> tuple[int, dict[str, int]]:
+        """Plan a server (started by :meth:`run`); return its publish and request ports."""
+        pub_port, *req_ports = ports(1 + len(sections))
+        request_ports = {}
+        for (section, items), port in zip(sections.items(), req_ports, strict=True):
+            items.setdefault("request_port", port)
+            items.setdefault("request_address", "127.0.0.1")
+            items.setdefault("nameserver", "false")
+            request_ports[section] = int(items["request_port"])
+        directory = self.tmp / name
+        directory.mkdir(exist_ok=True)
+        self._servers.append((directory, write_ini(directory / "server.ini", sections),
+                              pub_port))
+        return pub_port, request_ports
+
+    def client(self, sections: dict[str, dict[str, Any]], name: str = "client",
+               reference: bool = False) -> MoveItProcess:
+        """Start a client (ours, or 0.19's with ``reference``)."""
+        for items in sections.values():
+            items.setdefault("nameservers", "false")
+        directory = self.tmp / name
+        directory.mkdir(exist_ok=True)
+        proc = start_client(directory, write_ini(directory / "client.ini", sections), name=name,
+                            reference=reference)
+        self.procs.append(proc)
+        providers = {int(p.split("/")[0].rsplit(":", 1)[1])
+                     for items in sections.values() for p in str(items["providers"]).split()}
+        self._clients.append((proc, sorted(providers), reference))
+        return proc
+
+    def run(self) -> None:
+        """Start the servers; wait until every client hears from every server it uses."""
+        for directory, config, port in self._servers:
+            self.procs.append(start_server(directory, config, port, reference=self.reference))
+        server_ports = {port for _, _, port in self._servers}
+        for proc, providers, reference in self._clients:
+            for port in server_ports.intersection(providers):
+                wait_receiving(proc, port, reference)
+
+    def listen(self, *publish_ports: int) -> Listener:
+        """A connected listener on some publishers."""
+        listener = Listener(publish_ports)
+        listener.wait_connected()
+        self.listeners.append(listener)
+        return listener
+
+    def close(self) -> None:
+        """Close the listeners, stop every process."""
+        for listener in self.listeners:
+            listener.close()
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports."""
+    found: set[int] = set()
+    while len(found) < count:
+        found.add(free_port())
+    return sorted(found)
