@@ -8,29 +8,17 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.moveit import wait_for
 from trollmoves.config import ConfigError
 from trollmoves.service import ServiceRunner
 
 DEADLINE = 10.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not met in {timeout} s")
-        threading.Event().wait(0.01)
 
 
 class Recorder:
