@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import io
 import socket
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.moveit import (
     installed,
     ports,
     reference_available,
+    script,
 )
 
 OURS = installed("move_it_server.py") is not None
@@ -292,3 +294,12 @@ def test_hot_spare_pair_of_our_client_and_the_reference_client_with_our_server(
     listener.collect(lambda ms: set(listener.uids("file")) == set(names), what="every file")
     assert sorted(listener.uids("file")) == sorted(names)
     assert sorted(listener.uids("push")) == sorted(names)  # the spare never stepped in
+
+
+def test_demo_runs_by_itself_and_exits_zero() -> None:
+    if not OURS:
+        pytest.skip("move_it_server.py is not installed")
+    done = subprocess.run([*script("trollmoves"), "demo", "--files", "3", "--interval", "0"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 file(s) arrived" in done.stdout and "Server and client stopped" in done.stdout

@@ -20,6 +20,7 @@ from trollmoves.transfer import transfer
 #: Sub-commands served by a front end's own ``main(argv)``: name -> (module, help).
 FRONT_ENDS: dict[str, tuple[str, str]] = {
     "client": ("trollmoves.client", "request announced files"),
+    "demo": ("trollmoves.demo", "run a server and a client on loopback and show files arrive"),
     "server": ("trollmoves.server", "announce files and serve transfer requests"),
     "check": ("trollmoves.check", "validate a configuration file"),
     "s3download": ("trollmoves.s3downloader", "download announced S3 objects"),
