@@ -19,7 +19,7 @@ from posttroll.publisher import Publisher
 from tests.moveit import Listener, wait_for
 from tests.servers import free_port
 from tests.test_unpack import make_tar
-from trollmoves import announce
+from trollmoves import announce, check
 from trollmoves.config import ConfigError
 from trollmoves.server import (
     DelayedRemover,
@@ -447,3 +447,38 @@ def test_listen_section_relays_local_files(sections: list[Section], tmp_path: Pa
         section.join(DEADLINE)
         sections.remove(section)
         upstream.stop()
+
+
+# -- trollmoves check --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("[a]\norigin = /x/{name}\ntopic = /t\n", "server"),
+    ("[a]\nlisten = /in\ntopic = /t\n", "server"),
+    ("[a]\nproviders = h:9010\ndestination = /d/\ntopic = /t\n", "client"),
+    ("[a]\nproviders = h:9010\ndestination = /d/\norigin = /d/{n}\nrequest_port = 9\n",
+     "mirror"),
+])
+def test_check_detects_and_validates(tmp_path: Path, text: str, kind: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.ini"
+    path.write_text(text)
+    assert check.detect_kind(str(path)) == kind
+    assert check.main([str(path)]) == 0
+    assert f"valid {kind} configuration, 1 section(s)" in capsys.readouterr().out
+
+
+def test_check_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[a]\norigin = /x/{name}\ntopic = /t\nrequest_port = 70000\n")
+    unknown = tmp_path / "unknown.ini"
+    unknown.write_text("[a]\nkey = value\n")
+    assert check.main([str(bad), str(unknown)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: [a] request_port: 70000 is greater than the maximum of 65535" in err
+    assert f"{unknown}: cannot tell the kind" in err
+
+
+def test_check_example_config() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "server.ini"
+    kind, sections = check.check(str(example))
+    assert kind == "server" and set(sections) == {"msg4-hrit", "viirs-sdr", "relay"}

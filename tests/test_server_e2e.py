@@ -113,6 +113,9 @@ def test_announcement_reaches_a_posttroll_subscriber(served: Served) -> None:
     assert message.data["uri"] == str(src)
     assert message.data["sensor"] == "seviri" and message.data["platform_name"] == "MSG4"
     assert message.data["request_address"] == f"127.0.0.1:{served.ports['hrit']}"
+    served.listener.collect(lambda ms: served.listener.of_type("beat"), what="a heartbeat")
+    beat = served.listener.of_type("beat")[0]
+    assert (beat.subject, beat.data) == ("/heartbeat/move_it_server", {"min_interval": 30})
 
 
 def test_push_delivers_locally_and_over_sftp(served: Served, sshd_server: Any,

@@ -16,7 +16,8 @@ and the files already in it are then reported.
 Each matching file goes to ``sink(path, fields)``, where ``fields`` are the values parsed from
 the path; the sink should only queue it (it runs on the watcher's thread)::
 
-    watcher = OriginWatcher("/data/{platform}/{name}.h5", queue_.put_nowait_pair)
+    files = queue.SimpleQueue()
+    watcher = OriginWatcher("/data/{platform}/{name}.h5", lambda p, f: files.put((p, f)))
     watcher.start()     # files already there are reported first (unless backlog=False)
     ...
     watcher.stop(); watcher.join()
