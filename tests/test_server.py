@@ -165,27 +165,9 @@ def request_server() -> Iterator[tuple[RequestServer, SlowHandler]]:
     server.join(DEADLINE)
 
 
-def test_pushes_run_concurrently(request_server: tuple[RequestServer, SlowHandler]) -> None:
-    server, handler = request_server
-    clients = [Requester(server.port) for _ in range(3)]
-    replies: list[Message] = []
-    threads = [threading.Thread(target=lambda c=c: replies.append(c("push", {"uri": "/a"})))
-               for c in clients[:2]]
-    for thread in threads:
-        thread.start()
-    assert handler.overlapping.wait(DEADLINE)
-    assert clients[2]("ping").type == "pong"  # answered while both pushes are in flight
-    handler.release.set()
-    for thread in threads:
-        thread.join(DEADLINE)
-    assert [r.type for r in replies] == ["file", "file"]
-    for client in clients:
-        client.close()
-
-
-def test_stop_finishes_requests_in_flight(request_server: tuple[RequestServer, SlowHandler]
-                                          ) -> None:
-    server, handler = request_server
+def overlapping_pushes(server: RequestServer, handler: SlowHandler
+                       ) -> tuple[list[threading.Thread], list[Message], list[Requester]]:
+    """Two pushes from two clients, both inside the handler when this returns."""
     clients = [Requester(server.port) for _ in range(2)]
     replies: list[Message] = []
     threads = [threading.Thread(target=lambda c=c: replies.append(c("push", {"uri": "/a"})))
@@ -193,6 +175,26 @@ def test_stop_finishes_requests_in_flight(request_server: tuple[RequestServer, S
     for thread in threads:
         thread.start()
     assert handler.overlapping.wait(DEADLINE)
+    return threads, replies, clients
+
+
+def test_pushes_run_concurrently(request_server: tuple[RequestServer, SlowHandler]) -> None:
+    server, handler = request_server
+    threads, replies, clients = overlapping_pushes(server, handler)
+    pinger = Requester(server.port)
+    assert pinger("ping").type == "pong"  # answered while both pushes are in flight
+    handler.release.set()
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert [r.type for r in replies] == ["file", "file"]
+    for client in [*clients, pinger]:
+        client.close()
+
+
+def test_stop_finishes_requests_in_flight(request_server: tuple[RequestServer, SlowHandler]
+                                          ) -> None:
+    server, handler = request_server
+    threads, replies, clients = overlapping_pushes(server, handler)
     server.stop()
     handler.release.set()
     server.join(DEADLINE)

@@ -213,13 +213,15 @@ def start_listening_server(tmp_path: Path, sections: dict[str, dict[str, Any]], 
     return proc, listener
 
 
-def test_backlog(tmp_path: Path) -> None:
-    src = tmp_path / "src"
+def test_backlog_polling_and_a_directory_that_appears_later(tmp_path: Path) -> None:
+    src, late = tmp_path / "src", tmp_path / "not" / "yet"
     src.mkdir()
     old = [drop(src, hrit(m)) for m in range(3)]
     drop(src, hrit(4), b"")  # empty: never announced
-    pub, port = ports(2)
-    proc, listener = start_listening_server(tmp_path, {"hrit": hrit_section(src, port)}, pub)
+    pub, port, late_port = ports(3)
+    sections = {"hrit": hrit_section(src, port, watchdog_timeout=0.1),
+                "late": hrit_section(late, late_port, topic="/late", watchdog_timeout=0.1)}
+    proc, listener = start_listening_server(tmp_path, sections, pub, "-w")
     try:
         for path in old:
             announcement(listener, path.name)
@@ -229,6 +231,10 @@ def test_backlog(tmp_path: Path) -> None:
         finally:
             client.close()
         assert sorted(info.data["files"]) == [f"/1b/hrit/{p.name}" for p in old]
+        proc.wait_log(rf"late: directory {late} does not exist yet")
+        late.mkdir(parents=True)
+        announcement(listener, drop(late, hrit(9)).name)
+        proc.wait_log(rf"late: directory {late} appeared")
     finally:
         listener.close()
         proc.stop()
@@ -296,5 +302,5 @@ def test_reference_client_requests_from_our_server(tmp_path: Path) -> None:
         server.wait_log(rf"hrit: sent {src_file} to {dst}/{src_file.name}")
         wait_for(lambda: not src_file.exists(), DEADLINE, "the source removed after the ack")
     finally:
-        client.stop()
+        client.kill()  # the reference peer's shutdown is not under test here
         server.stop()

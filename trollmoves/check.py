@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,12 +28,10 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 def _ini_kind(path: str) -> str:
     parser = configparser.RawConfigParser()
     try:
-        with open(path) as handle:
-            parser.read_file(handle)
-    except OSError as err:
-        raise ConfigError(path, None, None, f"cannot read: {err.strerror or err}") from None
-    except configparser.Error as err:
-        raise ConfigError(path, None, None, f"not a valid INI file: {err.message}") from None
+        if not parser.read(path):
+            return "server"  # unreadable: read_ini says why
+    except configparser.Error:
+        return "server"  # not INI: read_ini says where
     kinds = set()
     for name in parser.sections():
         keys = set(parser[name])
@@ -50,13 +49,9 @@ def _ini_kind(path: str) -> str:
 
 
 def _yaml_kind(path: str) -> str:
-    try:
-        with open(path) as handle:
-            data = yaml.safe_load(handle)
-    except OSError as err:
-        raise ConfigError(path, None, None, f"cannot read: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(path, None, None, f"not a valid YAML file: {err}") from None
+    data = None
+    with contextlib.suppress(OSError, yaml.YAMLError):  # read_yaml reports these
+        data = yaml.safe_load(Path(path).read_text())
     if isinstance(data, dict) and "subscribe-topic" in data:
         return "s3downloader"
     return "dispatcher"
