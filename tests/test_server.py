@@ -92,6 +92,8 @@ def test_whole_file_checks() -> None:
         validate_sections("x.ini", sections)
     with pytest.raises(ConfigError, match=r"\[a\] prog: compression = xrit needs prog"):
         validate_sections("x.ini", {"a": {"compression": "xrit"}})
+    with pytest.raises(ConfigError, match=r"\[a\] origin: invalid pattern: expected '}'"):
+        validate_sections("x.ini", {"a": {"origin": "/data/{name"}})
 
 
 # -- delayed removal ---------------------------------------------------------------------------

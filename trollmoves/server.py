@@ -689,9 +689,14 @@ def destination_for(destination: str, rel_path: Any = None) -> str:
 
 
 def validate_sections(path: str, sections: Mapping[str, Mapping[str, Any]]) -> None:
-    """Whole-file checks: one section per request port, unpack programs and names known."""
+    """Whole-file checks: valid patterns, one section per request port, known unpackers."""
     ports: dict[int, str] = {}
     for name, section in sections.items():
+        if "origin" in section:
+            try:
+                OriginPattern(section["origin"])
+            except ValueError as err:
+                raise ConfigError(path, name, "origin", f"invalid pattern: {err}") from None
         port = section.get("request_port")
         if port is not None:
             if port in ports:
