@@ -74,6 +74,8 @@ def _types_of(prop: Mapping[str, Any]) -> list[str]:
         types.extend(_types_of(option))
     if "enum" in prop and any(isinstance(v, bool) for v in prop["enum"]):
         types.append("boolean")
+    if "enum" in prop and any(isinstance(v, str) for v in prop["enum"]):
+        types.append("string")
     return types or ["string"]
 
 
