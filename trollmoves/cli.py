@@ -24,6 +24,7 @@ FRONT_ENDS: dict[str, tuple[str, str]] = {
     "server": ("trollmoves.server", "announce files and serve transfer requests"),
     "check": ("trollmoves.check", "validate a configuration file"),
     "s3download": ("trollmoves.s3downloader", "download announced S3 objects"),
+    "dispatch": ("trollmoves.dispatcher", "push local files to targets by rules"),
 }
 
 PROGRESS_THRESHOLD = 8 * 1024 * 1024
