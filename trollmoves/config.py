@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -170,14 +171,28 @@ def read_ini(path: str | Path, kind: str) -> dict[str, dict[str, Any]]:
             for name in parser.sections()}
 
 
-def read_yaml(path: str | Path, kind: str) -> dict[str, Any]:
-    """Read a YAML file of ``kind`` (e.g. "s3downloader") and validate it against its schema."""
+def load_yaml(path: str | os.PathLike[str]) -> Any:
+    """Parse a YAML file; unreadable or malformed files raise :class:`ConfigError`."""
     try:
         with open(path) as handle:
-            data = yaml.safe_load(handle)
+            return yaml.safe_load(handle)
     except OSError as err:
         raise ConfigError(path, None, None, f"cannot read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(path, None, None, f"not a valid YAML file: {err}") from None
+
+
+def read_yaml(path: str | Path, kind: str) -> dict[str, Any]:
+    """Read a YAML file of ``kind`` (e.g. "s3downloader") and validate it against its schema."""
+    data = load_yaml(path)
     validate(str(path), None, data, kind)
     return data
+
+
+def file_signature(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """Identify a file's current content cheaply (inode, size, mtime); None when absent."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns

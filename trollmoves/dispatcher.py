@@ -35,7 +35,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import fsspec
 import jsonschema
-import yaml
 from posttroll.message import Message
 from posttroll.publisher import create_publisher_from_dict_config
 from posttroll.subscriber import create_subscriber_from_dict_config
@@ -43,7 +42,7 @@ from trollsift import compose
 
 from trollmoves import errors
 from trollmoves.conditions import conditions_match
-from trollmoves.config import ConfigError, load_schema
+from trollmoves.config import ConfigError, file_signature, load_schema, load_yaml
 from trollmoves.filesystems import POOL
 from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import FILE_TYPES, iter_files, local_path
@@ -227,14 +226,7 @@ def build_config(data: Any, source: str = "<config>") -> DispatcherConfig:
 
 def read_config(filename: str | os.PathLike[str]) -> DispatcherConfig:
     """Read and validate a dispatcher YAML file; raise :class:`ConfigError` naming the key."""
-    try:
-        with open(filename) as handle:
-            data = yaml.safe_load(handle)
-    except OSError as err:
-        raise ConfigError(filename, None, None, f"cannot read: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(filename, None, None, f"not a valid YAML file: {err}") from None
-    return build_config(data, os.fspath(filename))
+    return build_config(load_yaml(filename), os.fspath(filename))
 
 
 # ----------------------------------------------------------------------------- composition
@@ -391,7 +383,7 @@ class Dispatcher:
     def __init__(self, config_file: str | os.PathLike[str], publisher: Any = None,
                  workers: int = DEFAULT_WORKERS) -> None:
         self.config_file = os.fspath(config_file)
-        self._stamp = _file_stamp(self.config_file)
+        self._stamp = file_signature(self.config_file)
         self.config = read_config(self.config_file)
         self.publisher = publisher
         self.queues = SerialQueues(workers)
@@ -453,7 +445,7 @@ class Dispatcher:
     # -- configuration ----------------------------------------------------------------------
     def check_config(self) -> bool:
         """Reload the config file when it changed; return True when a new config is in use."""
-        stamp = _file_stamp(self.config_file)
+        stamp = file_signature(self.config_file)
         if stamp == self._stamp and not self._reload_requested:
             return False
         self._stamp, self._reload_requested = stamp, False
@@ -505,14 +497,6 @@ class Dispatcher:
         msg = Message(topic, "file", info)
         LOG.debug("Publishing %s", msg)
         self.publisher.send(msg.encode())
-
-
-def _file_stamp(path: str) -> tuple[int, int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def create_publisher(port: int | None, nameservers: Sequence[str] | None) -> Any:

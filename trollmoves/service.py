@@ -43,7 +43,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from trollmoves.config import ConfigError, read_ini
+from trollmoves.config import ConfigError, file_signature, read_ini
 
 LOG = logging.getLogger(__name__)
 
@@ -88,15 +88,6 @@ class ReloadResult:
         return bool(self.added or self.changed or self.removed)
 
 
-def _signature(path: str) -> tuple[int, int, int] | None:
-    """Identify the current content of a file cheaply (follows symbolic links)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_ino, info.st_size, info.st_mtime_ns
-
-
 class _ConfigFileHandler(FileSystemEventHandler):
     """Ask for a reload when the watched file's signature changes."""
 
@@ -106,7 +97,7 @@ class _ConfigFileHandler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         """Any change in the directory may be the file (editors rename, k8s swaps links)."""
-        if _signature(self.runner.config_path) != self.runner.loaded_signature:
+        if file_signature(self.runner.config_path) != self.runner.loaded_signature:
             self.runner.request_reload()
 
 
@@ -242,7 +233,7 @@ class ServiceRunner:
 
     # -- internals --------------------------------------------------------------------------
     def _read(self) -> Sections:
-        signature = _signature(self.config_path)
+        signature = file_signature(self.config_path)
         sections = read_ini(self.config_path, self.kind)
         if self.validate is not None:
             self.validate(self.config_path, sections)
