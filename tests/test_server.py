@@ -61,7 +61,7 @@ def test_standalone_announcement() -> None:
     section = {"topic": "/x", "info": "sensor=viirs",
                "filesystem": {"protocol": "ssh", "host": "vm", "password": "no!"}}
     info = announce.announcement_info(section, "/src/npp.h5", {"platform_name": "npp"})
-    assert info["filesystem"] == {"cls": "sshfs.spec.SSHFileSystem", "protocol": "ssh",
+    assert info["filesystem"] == {"cls": "sshfs.spec:SSHFileSystem", "protocol": "ssh",
                                   "args": [], "host": "vm"}
     assert info["uri"] == info["uid"] == "ssh://vm/src/npp.h5"
     assert info["sensor"] == "viirs" and info["platform_name"] == "npp"

@@ -1,7 +1,7 @@
 """Build the messages a server sends: announcements of files and replies to requests.
 
-Pure functions of a config section and a file (or a request); no sockets, no threads. The
-shapes are trollmoves 0.19's (see PROTOCOL.md)::
+Functions of a config section and a file (or a request); no sockets, no threads, no I/O
+but reading an archive's index. The shapes are trollmoves 0.19's (see PROTOCOL.md)::
 
     info = file_info(section, "/src/H-000-MSG4-202611211000-__", fields)
     Message(section["topic"], "file", info)
@@ -9,15 +9,19 @@ shapes are trollmoves 0.19's (see PROTOCOL.md)::
     #  "request_address": "10.0.0.5:9092"}
 
 :func:`announcement_info` picks request mode (the section has ``request_port``) or stand-alone
-mode (no request socket: the message carries a serialized fsspec filesystem instead).
+mode (no request socket: the message carries a serialized fsspec filesystem instead);
+:func:`dataset_info` announces the members of an archive (``unpack = tar``/``zip``) in place.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import os
 import socket
+import tarfile
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -25,6 +29,9 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from posttroll.message import Message
 from posttroll.publisher import get_own_ip
+
+from trollmoves import unpack
+from trollmoves.urls import SSH_SCHEMES
 
 #: Filesystem options never copied into a stand-alone announcement.
 SECRET_WORDS = ("password", "passphrase", "secret", "token", "credential")
@@ -85,35 +92,119 @@ def relay_info(section: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str,
     return info
 
 
-def public_filesystem(section: Mapping[str, Any]) -> dict[str, Any]:
-    """The fsspec filesystem of a stand-alone section, as consumers rebuild it from JSON.
+def _is_secret(key: Any, value: Any) -> bool:
+    lowered = str(key).lower()
+    values = value if isinstance(value, list) else [value]
+    return (lowered == "key" or any(word in lowered for word in SECRET_WORDS)
+            or any(isinstance(v, str) and "PRIVATE KEY-----" in v for v in values))
 
-    From the section's ``filesystem`` group (``filesystem__protocol = ssh``,
-    ``filesystem__host = ...``); default: SSH to this host. Secret options are left out.
+
+def secret_options(options: Any, prefix: str = "") -> list[str]:
+    """The keys (``a__b`` for nested ones) of ``options`` that hold a secret.
+
+    Secrets are passwords, pass phrases, tokens, secret and access keys (by their name) and
+    key contents (a value holding a private key), at any depth.
     """
-    options = dict(section.get("filesystem") or {})
-    protocol = str(options.pop("protocol", "ssh"))
-    if protocol in {"ssh", "sftp", "scp"}:
+    if not isinstance(options, Mapping):
+        return []
+    found = []
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            found.extend(secret_options(value, f"{prefix}{key}__"))
+        elif _is_secret(key, value):
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def _without_secrets(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: _without_secrets(value) if isinstance(value, Mapping) else value
+            for key, value in options.items()
+            if isinstance(value, Mapping) or not _is_secret(key, value)}
+
+
+def _public_options(section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Protocol and options of the section's ``filesystem`` group, secrets left out.
+
+    Default: SSH to this host. ``user`` is SSH's ``username``; a numeric ``port`` an integer.
+    """
+    options = _without_secrets(section.get("filesystem") or {})
+    protocol = str(options.pop("protocol", "ssh")).lower()
+    if protocol in SSH_SCHEMES:
+        protocol = "ssh"
         options.setdefault("host", socket.gethostname())
-    cls = fsspec.get_filesystem_class(protocol)
-    public = {k: v for k, v in options.items()
-              if not any(word in k.lower() for word in SECRET_WORDS)}
-    return {"cls": f"{cls.__module__}.{cls.__name__}", "protocol": protocol, "args": [],
-            **public}
+        if "user" in options:
+            options.setdefault("username", options.pop("user"))
+    if isinstance(options.get("port"), str) and options["port"].isdigit():
+        options["port"] = int(options["port"])
+    return protocol, options
+
+
+def filesystem_json(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """fsspec's own JSON form (``to_json``) of the ``protocol`` filesystem made with ``options``.
+
+    The instance is never initialised: sshfs connects in its constructor and the archive
+    filesystems open their file, but ``to_json`` needs only the class and the arguments, which
+    are set here as fsspec's instance factory sets them.
+    """
+    cls = fsspec.get_filesystem_class(protocol)  # the registry also sets ``cls.protocol``
+    detached = cls.__new__(cls)
+    detached.storage_args, detached.storage_options = (), dict(options)
+    return json.loads(detached.to_json())
+
+
+def _netloc(options: Mapping[str, Any]) -> str:
+    host = options.get("host")
+    if not host:
+        return ""
+    user = options.get("username")
+    port = options.get("port")
+    return (f"{user}@" if user else "") + str(host) + (f":{port}" if port else "")
 
 
 def standalone_info(section: Mapping[str, Any], path: str, fields: Mapping[str, Any]
                     ) -> dict[str, Any]:
-    """Stand-alone data: filesystem JSON, full uri (also the uid), ``info`` items and fields.
+    """Stand-alone data: filesystem JSON, full uri (also the uid), path, ``info`` and fields."""
+    protocol, options = _public_options(section)
+    uri = f"{protocol}://{_netloc(options)}{path}"
+    info: dict[str, Any] = {"filesystem": filesystem_json(protocol, options), "uri": uri,
+                            "uid": uri, "path": path}
+    info.update(parse_info(section.get("info")))
+    info.update(fields)
+    return info
 
-    Only plain files for now; announcing archive members (``unpack = tar``/``zip``, a
-    ``dataset`` of chained tar filesystems) is left to the stand-alone work (issue 4).
+
+def archive_members(kind: str, path: str) -> list[str]:
+    """The files in the local ``tar``/``zip`` archive ``path``, named as fsspec's archive
+    filesystem names them (what consumers open); read without extracting.
+
+    Raises :class:`~trollmoves.unpack.UnsafeArchiveError` for a member named outside the
+    archive (absolute, ``..``) and :class:`~trollmoves.unpack.UnpackError` for an unreadable one.
     """
-    filesystem = public_filesystem(section)
-    protocol = filesystem["protocol"]
-    host = filesystem.get("host")
-    uri = f"{protocol}://{host}{path}" if host and protocol != "file" else path
-    info: dict[str, Any] = {"filesystem": filesystem, "uri": uri, "uid": uri}
+    try:
+        with open(path, "rb") as handle:
+            names = list(fsspec.get_filesystem_class(kind)(fo=handle).find(""))
+    except (OSError, EOFError, ValueError, tarfile.TarError, zipfile.BadZipFile) as err:
+        raise unpack.UnpackError(f"cannot list {path}: {err}") from err
+    for name in names:
+        try:
+            unpack.safe_member_path(name)
+        except unpack.UnsafeArchiveError as err:
+            raise unpack.UnsafeArchiveError(f"refused {path}: {err}") from None
+    return names
+
+
+def dataset_info(section: Mapping[str, Any], path: str, members: list[str],
+                 fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Stand-alone data of an archive: a ``dataset`` with one entry per member, each with its
+    archive filesystem chained to the section's (``tar://a.h5::ssh://host/archive.tar``)."""
+    kind = str(section["unpack"])
+    protocol, options = _public_options(section)
+    filesystem = filesystem_json(kind, {"fo": path, "target_protocol": protocol,
+                                        "target_options": options})
+    archive = f"{protocol}://{_netloc(options)}{path}"
+    info: dict[str, Any] = {"dataset": [
+        {"filesystem": filesystem, "uri": f"{kind}://{member}::{archive}",
+         "uid": f"{kind}://{member}", "path": member} for member in members]}
     info.update(parse_info(section.get("info")))
     info.update(fields)
     return info

@@ -25,6 +25,7 @@ FRONT_ENDS: dict[str, tuple[str, str]] = {
     "check": ("trollmoves.check", "validate a configuration file"),
     "s3download": ("trollmoves.s3downloader", "download announced S3 objects"),
     "dispatch": ("trollmoves.dispatcher", "push local files to targets by rules"),
+    "fetch": ("trollmoves.fetcher", "download what others announce"),
 }
 
 PROGRESS_THRESHOLD = 8 * 1024 * 1024

@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from trollmoves.urls import Location
+from trollmoves.urls import Location, parse
 
 LOG = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ DEFAULT_CONNECTION_UPTIME = 30.0
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 #: Options the engine consumes itself; they never reach a file system constructor.
 ENGINE_OPTIONS = frozenset({"connection_uptime"})
-#: Protocols whose single connection must not be used by two threads at once.
-SERIAL_PROTOCOLS = frozenset({"ftp"})
+#: Protocols whose single connection (or archive file) must not be used by two threads at once.
+SERIAL_PROTOCOLS = frozenset({"ftp", "tar", "zip"})
 
 _SSH_ALIASES = {
     "ssh_key_filename": "client_keys",
@@ -193,17 +193,34 @@ class Endpoint:
     key: str
     secrets: tuple[str, ...] = ()
 
-    def build(self) -> Any:
-        """Connect: create a new, uncached file system instance."""
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The keyword arguments the file system class is built with."""
         kwargs = dict(self.kwargs)
         host = kwargs.pop("_host", None)
         if host is not None:
             kwargs["host"] = host
-        return self.cls(skip_instance_cache=True, **kwargs)
+        return kwargs
+
+    def build(self) -> Any:
+        """Connect: create a new, uncached file system instance."""
+        return self.cls(skip_instance_cache=True, **self.storage_options)
+
+
+def _chain(loc: Location) -> tuple[str, str] | None:
+    """``(outer URL, inner URL)`` of a chained URL (``tar://member::ssh://host/a.tar``)."""
+    if "::" not in loc.raw:
+        return None
+    outer, _, inner = loc.raw.partition("::")
+    return outer, inner
 
 
 def filesystem_path(loc: Location) -> str:
-    """The path of ``loc`` as its file system names it (``bucket/key`` for object stores)."""
+    """The path of ``loc`` as its file system names it (``bucket/key`` for object stores,
+    the member for an archive in a chained URL)."""
+    chain = _chain(loc)
+    if chain is not None:
+        return filesystem_class(loc.protocol)._strip_protocol(chain[0])
     if loc.protocol in {"file", "ssh", "ftp"}:
         return loc.path
     if loc.protocol in _KWARG_BUILDERS:
@@ -211,17 +228,36 @@ def filesystem_path(loc: Location) -> str:
     return filesystem_class(loc.protocol)._strip_protocol(loc.url(with_password=True))
 
 
+def _chained_kwargs(loc: Location, inner_url: str, options: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+    """An archive filesystem reading its file through the inner URL's filesystem.
+
+    ``options`` go to the innermost (remote) filesystem, with our rules for it (SSH host keys,
+    key files, ...); a group named after the outer protocol (``{"tar": {...}}``) to the outer.
+    """
+    inner_loc = parse(inner_url)
+    inner = endpoint(inner_loc, {k: v for k, v in options.items() if k != loc.protocol})
+    kwargs = dict(options.get(loc.protocol) or {})
+    # an own connection per archive, closed with it (see close_filesystem)
+    kwargs.update(fo=filesystem_path(inner_loc), target_protocol=inner.protocol,
+                  target_options={**inner.storage_options, "skip_instance_cache": True})
+    return kwargs
+
+
 def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
     """Describe the file system serving ``loc`` with ``options`` (no connection made)."""
     protocol = loc.protocol
     cls = filesystem_class(protocol)
     builder = _KWARG_BUILDERS.get(protocol)
-    if builder:
+    chain = _chain(loc)
+    if chain is not None:
+        kwargs = _chained_kwargs(loc, chain[1], options)
+    elif builder:
         kwargs = builder(loc, options)
     else:
         kwargs = {**cls._get_kwargs_from_urls(loc.url(with_password=True)), **options}
     kwargs = _filter_options(cls, kwargs, f"the {protocol} file system")
-    if protocol in {"ssh", "ftp"}:
+    if protocol in {"ssh", "ftp"} and chain is None:
         kwargs["_host"] = loc.host
     secrets = tuple(str(v) for k, v in _walk(kwargs) if _is_secret_key(k) and v)
     digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=repr).encode()).hexdigest()
@@ -264,6 +300,9 @@ def close_filesystem(fs: Any) -> None:
                 fs.ftp.close()
         # s3fs closes its HTTP session itself when the instance is collected; closing it here
         # as well makes that finaliser fail noisily, so object stores are simply dropped
+        inner = getattr(getattr(fs, "of", None), "fs", None)  # an archive's own connection
+        if inner is not None:
+            close_filesystem(inner)
     except Exception as err:  # noqa: BLE001 - closing is best effort
         LOG.debug("Error while closing %s: %s", type(fs).__name__, type(err).__name__)
 

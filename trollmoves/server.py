@@ -13,6 +13,10 @@ by every section of the INI file. Each section is a :class:`Section` worker:
   malformed input gets ``err`` (or, past a hard size limit, is dropped by ZeroMQ). A push is
   served only for a file this section announced, or one matching its full ``origin`` once
   ``..`` and links are resolved.
+- Without ``request_port`` (stand-alone) no request socket is opened: announcements carry the
+  fsspec filesystem (``filesystem__*`` keys; default SSH to this host) that consumers read the
+  file through, and with ``unpack = tar``/``zip`` an archive is announced as a ``dataset`` of its
+  members, each reachable through a chained filesystem (``tar://member::ssh://host/archive``).
 - Files are removed ``remove_delay`` seconds after a push or ack when ``delete`` is set (and
   unpacked copies always); unpacked copies nobody asks for go after ``unpacked_retention``.
 
@@ -430,9 +434,13 @@ class Section:
         self.remover = DelayedRemover(name)
         self.watcher: OriginWatcher | None = None
         self.requests: RequestServer | None = None
+        #: stand-alone ``unpack``: archives are announced member by member, not extracted
+        self.archive_kind: str | None = None
         if self.config.get("request_port") is not None:
             self.requests = RequestServer(name, int(self.config["request_port"]), self.handle,
                                           lambda message: message.type == "push")
+        else:
+            self.archive_kind = self.config.get("unpack") or None
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -447,9 +455,6 @@ class Section:
     def _start(self) -> None:
         if self.requests is not None:
             self.requests.start()
-        elif self.config.get("unpack"):
-            LOG.warning("%s: unpack=%s in stand-alone mode is not supported yet; archives are "
-                        "announced as files", self.name, self.config["unpack"])
         if self.compression:
             os.makedirs(self.working_directory, exist_ok=True)
         self.remover.start()
@@ -505,11 +510,33 @@ class Section:
         """Unpack ``path`` if configured, then announce what is to be served."""
         served = self._unpacked(path)
         for target in served:
+            if self.archive_kind and self._announce_members(target, fields):
+                continue
             info = announce.announcement_info(self.config, target, fields)
             self._serve(target)
             self.ctx.remember(self.topic, [info["uid"]])
             self.ctx.publish(Message(self.topic, "file", info))
             LOG.debug("%s: announced %s", self.name, target)
+
+    def _announce_members(self, path: str, fields: Mapping[str, Any]) -> bool:
+        """Announce the members of an archive as a ``dataset``; False: announce it as a file."""
+        assert self.archive_kind is not None
+        try:
+            members = announce.archive_members(self.archive_kind, path)
+        except unpack.UnsafeArchiveError as err:
+            LOG.error("%s: %s; not announced", self.name, err)
+            return True
+        except unpack.UnpackError as err:
+            LOG.error("%s: %s; announcing it as it is", self.name, err)
+            return False
+        if not members:
+            LOG.warning("%s: %s holds no file; not announced", self.name, path)
+            return True
+        info = announce.dataset_info(self.config, path, members, fields)
+        self.ctx.remember(self.topic, [item["uid"] for item in info["dataset"]])
+        self.ctx.publish(Message(self.topic, "dataset", info))
+        LOG.debug("%s: announced the %d member(s) of %s", self.name, len(members), path)
+        return True
 
     def _unpacked(self, path: str) -> list[str]:
         if not self.compression:
@@ -689,9 +716,15 @@ def destination_for(destination: str, rel_path: Any = None) -> str:
 
 
 def validate_sections(path: str, sections: Mapping[str, Mapping[str, Any]]) -> None:
-    """Whole-file checks: valid patterns, one section per request port, known unpackers."""
+    """Whole-file checks: valid patterns, one section per request port, known unpackers, no
+    secret among the public filesystem options of stand-alone sections."""
     ports: dict[int, str] = {}
     for name, section in sections.items():
+        secrets = announce.secret_options(section.get("filesystem"))
+        if secrets:
+            raise ConfigError(path, name, f"filesystem__{secrets[0]}",
+                              "passwords, secret keys and key contents are never announced; "
+                              "give the consumers theirs in their own configuration")
         if "origin" in section:
             try:
                 OriginPattern(section["origin"])
