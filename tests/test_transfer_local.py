@@ -151,3 +151,17 @@ def test_unknown_checksum_algorithm(source: Path, tmp_path: Path) -> None:
 def test_directory_source_is_refused(tmp_path: Path) -> None:
     with pytest.raises(errors.ConfigurationError, match="must be a file"):
         trollmoves.copy(f"{tmp_path}/", tmp_path / "x")
+
+
+def test_interrupt_cuts_pauses_under_way_but_not_later_transfers() -> None:
+    from trollmoves.transfer import _INTERRUPTS, interrupt_retries
+
+    generation = _INTERRUPTS.current()
+    waiter = threading.Thread(target=lambda: results.append(_INTERRUPTS.pause(60, generation)))
+    results: list[bool] = []
+    waiter.start()
+    interrupt_retries()
+    waiter.join(10)
+    assert results == [True]
+    # a transfer started afterwards waits out its pauses
+    assert _INTERRUPTS.pause(0.01, _INTERRUPTS.current()) is False

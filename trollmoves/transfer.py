@@ -41,7 +41,33 @@ ATOMIC_PROTOCOLS = frozenset({"s3", "gs", "gcs", "az", "abfs", "memory"})
 #: Protocols without real directories to create.
 FLAT_PROTOCOLS = frozenset({"s3", "gs", "gcs", "az", "abfs"})
 CHUNK = 8 * 1024 * 1024
-_STOP = threading.Event()  # set to interrupt retry back-offs at shutdown
+
+
+class _Interrupts:
+    """Lets a shutdown cut short the retry pauses of the transfers under way, and only those."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._generation = 0
+
+    def current(self) -> int:
+        """The generation a transfer starting now belongs to."""
+        with self._changed:
+            return self._generation
+
+    def pause(self, seconds: float, generation: int) -> bool:
+        """Wait ``seconds``; True (at once) when interrupted since ``generation`` began."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._generation != generation, seconds)
+
+    def interrupt(self) -> None:
+        """Wake and cancel every pause of the transfers started so far."""
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+
+_INTERRUPTS = _Interrupts()
 
 
 @dataclass(frozen=True)
@@ -321,6 +347,7 @@ def transfer(src: Any, dst: Any, *, delete_source: bool = False, checksum: str |
              dst_options: Mapping[str, Any] | None = None, **options: Any) -> Result:
     """Copy (or move, with ``delete_source``) one file; see :func:`trollmoves.copy`."""
     started = time.monotonic()
+    generation = _INTERRUPTS.current()
     retry = retry or RetryPolicy()
     uptime = float(options.get("connection_uptime", DEFAULT_CONNECTION_UPTIME))
     src_loc, s_opts = _with_options(src, {**options, **(src_options or {})})
@@ -363,7 +390,7 @@ def transfer(src: Any, dst: Any, *, delete_source: bool = False, checksum: str |
             return result
         if attempt >= retry.attempts or time.monotonic() - started + delay > retry.budget:
             break
-        if _STOP.wait(delay):
+        if _INTERRUPTS.pause(delay, generation):
             break
         delay *= 2
     assert last is not None
@@ -382,5 +409,6 @@ def _as_error(kind: type[errors.TransferError], err: BaseException, secrets: Seq
 
 
 def interrupt_retries() -> None:
-    """Make pending and future retry pauses return at once (used at shutdown)."""
-    _STOP.set()
+    """Give up the retry pauses of every transfer under way (used at shutdown); transfers
+    started afterwards retry as usual."""
+    _INTERRUPTS.interrupt()
