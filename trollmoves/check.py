@@ -2,7 +2,8 @@
 
 INI files: a section with ``providers`` and ``origin``/``request_port`` makes a mirror file,
 ``providers`` alone a client file, ``origin``/``listen`` alone a server file. YAML files: with
-``subscribe-topic`` an s3downloader file, otherwise a dispatcher file. ``--kind`` overrides the
+``subscribe-topic`` an s3downloader file, with ``subscriber_config``/``publisher_config`` a
+fetcher file, otherwise a dispatcher file. ``--kind`` overrides the
 guess. Exit status 0 when the file is valid, 1 with the error (file, section, key) otherwise.
 """
 
@@ -21,7 +22,7 @@ import yaml
 from trollmoves.config import ConfigError, read_ini, read_yaml
 
 INI_KINDS = ("server", "client", "mirror")
-YAML_KINDS = ("dispatcher", "s3downloader")
+YAML_KINDS = ("dispatcher", "s3downloader", "fetcher")
 _YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -54,6 +55,8 @@ def _yaml_kind(path: str) -> str:
         data = yaml.safe_load(Path(path).read_text())
     if isinstance(data, dict) and "subscribe-topic" in data:
         return "s3downloader"
+    if isinstance(data, dict) and data.keys() & {"subscriber_config", "publisher_config"}:
+        return "fetcher"
     return "dispatcher"
 
 
@@ -73,6 +76,9 @@ def check(path: str, kind: str | None = None) -> tuple[str, Any]:
             from trollmoves.server import validate_sections  # whole-file checks of the server
             validate_sections(path, sections)
         return kind, sections
+    if kind == "dispatcher":
+        from trollmoves.dispatcher import read_config  # rules, aliases and conditions too
+        return kind, read_config(path)
     return kind, read_yaml(path, kind)
 
 
