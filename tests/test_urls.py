@@ -64,3 +64,9 @@ def test_redaction() -> None:
     assert redact_url(text) == "failed ftp://u:***@h/x and s3://k:***@b/y"
     assert strip_credentials("ftp://u:pw@h/x") == "ftp://u@h/x"
     assert redact_text("key 'abcdef' refused", ["abcdef"]) == "key '***' refused"
+
+
+def test_chained_url_names_the_member() -> None:
+    loc = parse("tar://data/a.h5::ssh://vm/src/j01_202611211000.tar")
+    assert loc.name == "a.h5"
+    assert loc.protocol == "tar"

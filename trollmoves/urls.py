@@ -50,8 +50,9 @@ class Location:
 
     @property
     def name(self) -> str:
-        """The last component of the path."""
-        return posixpath.basename(self.path.rstrip("/"))
+        """The last component of the path (of the innermost file for chained URLs)."""
+        path = self.path.split("::", 1)[0].split("://", 1)[-1] if "::" in self.path else self.path
+        return posixpath.basename(path.rstrip("/"))
 
     @property
     def fs_path(self) -> str:
