@@ -76,11 +76,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str 
         time.sleep(interval)
 
 
-def drop(directory: Path, name: str, content: bytes = b"x" * 1024) -> Path:
-    """Put a file in place the way producers do: write aside, then rename into place."""
+def drop(directory: Path, name: str, content: bytes = b"x" * 1024, rename: bool = True
+         ) -> Path:
+    """Put a file in place as producers do: written aside and renamed into place, or (with
+    ``rename=False``) written in place and closed."""
+    final = directory / name
+    if not rename:
+        final.write_bytes(content)
+        return final
     tmp = directory / f".{uuid.uuid4().hex}.tmp"
     tmp.write_bytes(content)
-    final = directory / name
     os.replace(tmp, final)
     return final
 
@@ -110,11 +115,11 @@ class MoveItProcess(ManagedServer):
         return wait_for(matches, timeout, f"{count} x {pattern!r} in {self.log_path}")
 
 
-def logging_args(directory: Path, reference: bool) -> list[str]:
-    """Debug logging to the process output: ``-v`` for ours, a log config for 0.19 (whose
-    ``-v`` logs nothing more)."""
+def logging_args(directory: Path, reference: bool, verbose: bool = True) -> list[str]:
+    """Logging to the process output: ``-v`` (debug) or nothing (info) for ours, a debug log
+    config for 0.19 (whose ``-v`` logs nothing more, and whose readiness lines are debug)."""
     if not reference:
-        return ["-v"]
+        return ["-v"] if verbose else []
     config = directory / "log.yaml"
     config.write_text(
         "version: 1\ndisable_existing_loggers: false\n"
@@ -126,11 +131,13 @@ def logging_args(directory: Path, reference: bool) -> list[str]:
 
 
 def start_server(directory: Path, config: Path, port: int, *, reference: bool = False,
+                 verbose: bool = True,
                  extra: Iterable[str] = (), env: Mapping[str, str] | None = None
                  ) -> MoveItProcess:
     """Start a server publishing on ``port``; ready once it watches its directories."""
     name = "ref-server" if reference else "server"
-    argv = [*script("move_it_server.py", reference), *logging_args(directory, reference),
+    argv = [*script("move_it_server.py", reference),
+            *logging_args(directory, reference, verbose),
             "-p", str(port), *extra, str(config)]
     proc = MoveItProcess(name, directory, argv, env)
     proc.start(r"Using (os-based|polling) notifier" if reference else r"move_it_server ready")
@@ -138,9 +145,11 @@ def start_server(directory: Path, config: Path, port: int, *, reference: bool = 
 
 
 def start_client(directory: Path, config: Path, *, reference: bool = False,
+                 verbose: bool = True,
                  name: str = "client", env: Mapping[str, str] | None = None) -> MoveItProcess:
     """Start a client; ready once every section has its publisher and subscriptions."""
-    argv = [*script("move_it_client.py", reference), *logging_args(directory, reference),
+    argv = [*script("move_it_client.py", reference),
+            *logging_args(directory, reference, verbose),
             str(config)]
     proc = MoveItProcess(name, directory, argv, env)
     proc.start(r"Subscribing to|Add listener" if reference else r"Running \d+ section")
@@ -163,6 +172,7 @@ class Listener:
         self._ctx = zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)  # keep everything: a test counts messages
         self.sock.setsockopt_string(zmq.SUBSCRIBE, posttroll_topic(topic) if topic else "")
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.ports = list(ports)
@@ -227,9 +237,11 @@ class Deployment:
     server sends its first heartbeat, which tells that its subscription is in place.
     """
 
-    def __init__(self, tmp_path: Path, reference_server: bool = False) -> None:
+    def __init__(self, tmp_path: Path, reference_server: bool = False, verbose: bool = True
+                 ) -> None:
         self.tmp = tmp_path
         self.reference = reference_server
+        self.verbose = verbose
         self.procs: list[MoveItProcess] = []
         self.listeners: list[Listener] = []
         self._servers: list[tuple[Path, Path, int]] = []
@@ -259,7 +271,7 @@ class Deployment:
         directory = self.tmp / name
         directory.mkdir(exist_ok=True)
         proc = start_client(directory, write_ini(directory / "client.ini", sections), name=name,
-                            reference=reference)
+                            reference=reference, verbose=self.verbose)
         self.procs.append(proc)
         providers = {int(p.split("/")[0].rsplit(":", 1)[1])
                      for items in sections.values() for p in str(items["providers"]).split()}
@@ -269,7 +281,8 @@ class Deployment:
     def run(self) -> None:
         """Start the servers; wait until every client hears from every server it uses."""
         for directory, config, port in self._servers:
-            self.procs.append(start_server(directory, config, port, reference=self.reference))
+            self.procs.append(start_server(directory, config, port, reference=self.reference,
+                                           verbose=self.verbose))
         server_ports = {port for _, _, port in self._servers}
         for proc, providers, reference in self._clients:
             for port in server_ports.intersection(providers):

@@ -36,7 +36,14 @@ from trollmoves.delivery import (
     unpack_files,
 )
 from trollmoves.hotspare import Action, DoneCache, State, Tracker, file_key
-from trollmoves.requester import Requester, RequestError, RequestTimeout, tcp_address
+from trollmoves.requester import (
+    Requester,
+    RequesterPool,
+    RequestError,
+    RequestMultiplexer,
+    RequestTimeout,
+    tcp_address,
+)
 from trollmoves.subscription import parse_providers, posttroll_topic
 
 DEADLINE = 10.0
@@ -477,6 +484,35 @@ def test_a_garbage_reply_is_an_error() -> None:
     router.close(0)
 
 
+def test_multiplexer_delivers_replies_and_times_out_without_reuse(
+        fake_server: Callable[..., FakeServer]) -> None:
+    def answer(request: Message) -> Message | None:
+        return None if request.data.get("n") == 1 else Message("/t", "pong", request.data)
+
+    server = fake_server(answer)
+    poller = zmq.Poller()
+    pool = RequesterPool()
+    clock = Clock()
+    mux = RequestMultiplexer(pool, poller, clock=lambda: clock.now)
+    results: dict[int, Any] = {}
+    for n in (1, 2, 3):
+        mux.send(server.request_address, Message("/t", "ping", {"n": n}), 5,
+                 lambda reply, error, n=n: results.__setitem__(n, reply or error))
+    assert len(mux) == 3 and mux.next_deadline() == clock.now + 5
+    deadline = time.monotonic() + DEADLINE
+    while len(results) < 2 and time.monotonic() < deadline:
+        mux.handle(dict(poller.poll(50)))
+    assert results[2].data == {"n": 2} and results[3].data == {"n": 3}
+    clock.advance(5)
+    mux.expire()
+    assert isinstance(results[1], RequestTimeout) and len(mux) == 0
+    assert mux.next_deadline() is None
+    with pytest.raises(ValueError):
+        mux.send("no-port", Message("/t", "ping", {}), 1, lambda reply, error: None)
+    mux.close()
+    pool.close()
+
+
 # --------------------------------------------------------------------------- client section
 
 class Watcher:
@@ -565,7 +601,7 @@ def test_a_refused_file_is_not_announced_and_the_section_goes_on(
         watcher.collect(lambda ms: any(m.type == "file" for m in ms))
     assert [m.data["uid"] for m in watcher.of_type("file")] == ["good"]
     assert [m.data["uid"] for m in watcher.of_type("ack")] == ["good"]
-    assert "did not deliver bad" in caplog.text
+    assert "No transfer of bad" in caplog.text and "not reachable" in caplog.text
 
 
 def test_hot_spare_section_leaves_the_file_to_the_primary(

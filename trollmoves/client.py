@@ -6,11 +6,11 @@ Each section of the INI file runs one :class:`ClientSection`:
     SUB on all providers -> duplicate / hot-spare tracking -> push request (REQ) -> reply
     -> (unpack) -> publish push, ack and the final file message
 
-One thread per section reads the subscriptions and the hot-spare timers; transfers run on a
-bounded pool of worker threads, so different files move concurrently and the same file never
-twice. A file that cannot be delivered is logged and not announced; the section keeps serving.
-Config edits and SIGHUP restart only the changed sections; SIGTERM lets the transfers in flight
-finish (see :mod:`trollmoves.service`).
+One thread per section reads the subscriptions, runs the hot-spare timers and keeps up to
+``workers`` push requests in flight at once, so different files move concurrently and the same
+file never twice. A file that cannot be delivered is logged and not announced; the section
+keeps serving. Config edits and SIGHUP restart only the changed sections; SIGTERM lets the
+transfers in flight finish (see :mod:`trollmoves.service`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
 from posttroll.message import Message
 from posttroll.publisher import NoisyPublisher, Publisher
 
@@ -43,9 +46,15 @@ from trollmoves.delivery import (
 from trollmoves.hotspare import Action, FileKey, Tracker, file_key
 from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import FILE_TYPES
-from trollmoves.requester import RequesterPool, RequestError
+from trollmoves.requester import RequesterPool, RequestError, RequestMultiplexer
 from trollmoves.service import ServiceRunner
-from trollmoves.subscription import HEARTBEAT_TOPIC, Provider, SubscriptionSet, parse_providers
+from trollmoves.subscription import (
+    HEARTBEAT_TOPIC,
+    Provider,
+    SubscriptionSet,
+    Waker,
+    parse_providers,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -53,6 +62,10 @@ DEFAULT_REQ_TIMEOUT = 1.0
 DEFAULT_TRANSFER_REQ_TIMEOUT = 10.0
 DEFAULT_WORKERS = 8
 HEARTBEAT_INTERVAL = 30.0
+#: Messages queued per subscriber of a section's publisher before it drops.
+PUBLISH_QUEUE = 100_000
+#: Destination directories remembered as existing (not checked again for every file).
+KNOWN_DIRECTORIES = 256
 
 
 def _client_keys() -> frozenset[str]:
@@ -136,13 +149,35 @@ def create_publisher(name: str, port: int, nameservers: Any) -> Any:
     """A started posttroll publisher: plain when ``nameservers`` is false, else announced to
     the nameservers given (or by multicast when None)."""
     if nameservers is False:
-        return Publisher(f"tcp://*:{port}", name=name).start()
-    servers = list(nameservers) if nameservers else None
-    return NoisyPublisher(name, port=port, nameservers=servers).start()
+        publisher = Publisher(f"tcp://*:{port}", name=name).start()
+    else:
+        servers = list(nameservers) if nameservers else None
+        publisher = NoisyPublisher(name, port=port, nameservers=servers).start()
+    _deepen_send_queue(publisher)
+    return publisher
+
+
+def _deepen_send_queue(publisher: Any) -> None:
+    """Let subscribers that connect lag behind a burst by :data:`PUBLISH_QUEUE` messages
+    before messages are dropped (posttroll leaves ZeroMQ's default of 1000)."""
+    inner = publisher
+    for _ in range(3):  # NoisyPublisher -> Publisher -> ZMQPublisher
+        sock = getattr(inner, "publish_socket", None)
+        if sock is not None:
+            sock.setsockopt(zmq.SNDHWM, PUBLISH_QUEUE)
+            return
+        inner = getattr(inner, "_publisher", None)
+    LOG.debug("Could not reach the publisher's socket; its send queue keeps its size")
 
 
 class ClientSection:
-    """The worker of one client section (a :class:`trollmoves.service.Worker`)."""
+    """The worker of one client section (a :class:`trollmoves.service.Worker`).
+
+    One thread polls the subscriptions, the replies of the requests in flight and a waker,
+    and runs the hot-spare timers: no thread hand-off per file. At most ``workers`` pushes
+    are in flight; more files wait their turn. Unpacking, which may take long, runs on a
+    pool of ``workers`` threads.
+    """
 
     def __init__(self, settings: ClientSettings, requesters: RequesterPool | None = None) -> None:
         self.settings = settings
@@ -152,13 +187,20 @@ class ClientSection:
             processing_delay=settings.processing_delay,
             takeover_timeout=settings.transfer_req_timeout + settings.processing_delay)
         self.publisher: Any = None
-        self._pool = ThreadPoolExecutor(max_workers=max(1, settings.workers),
-                                        thread_name_prefix=f"client-{settings.name}")
+        self._unpackers = (ThreadPoolExecutor(max_workers=max(1, settings.workers),
+                                              thread_name_prefix=f"unpack-{settings.name}")
+                           if settings.compression else None)
         self._thread: threading.Thread | None = None
-        self._subscriptions: SubscriptionSet | None = None
+        self._waker: Waker | None = None
+        self._requests: RequestMultiplexer | None = None
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._waiting: deque[FileKey] = deque()
+        self._active = 0  # pushes in flight
+        self._unpacking = 0  # files handed to the unpackers
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._directories: OrderedDict[str, None] = OrderedDict()
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,16 +218,16 @@ class ClientSection:
                  self.publisher.port_number, s.publisher_name)
 
     def stop(self) -> None:
-        """Stop reading announcements (transfers in flight go on until :meth:`join`)."""
+        """Stop reading announcements; the transfers in flight go on until :meth:`join`."""
         self._stopping.set()
-        if self._subscriptions is not None:
-            self._subscriptions.wake()
+        self._wake()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the transfers in flight, then release every socket."""
         if self._thread is not None:
             self._thread.join(timeout)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._unpackers is not None:
+            self._unpackers.shutdown(wait=True, cancel_futures=True)
         self._close_publisher()
         if self._own_requesters:
             self.requesters.close()
@@ -195,36 +237,63 @@ class ClientSection:
             self.publisher.stop()
             self.publisher = None
 
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
+
     # -- the section's thread -------------------------------------------------------------------
     def _run(self) -> None:
+        poller = zmq.Poller()
         try:
-            subscriptions = SubscriptionSet(self.settings.subscriptions(),
+            subscriptions = SubscriptionSet(self.settings.subscriptions(), poller,
                                             self.settings.heartbeat_alarm_scale)
         except Exception as err:  # noqa: BLE001 - reported to start()
             self._error = err
             self._ready.set()
             return
-        self._subscriptions = subscriptions
+        self._waker = Waker(poller)
+        self._requests = RequestMultiplexer(self.requesters, poller)
         self._ready.set()
-        next_beat = time.monotonic() + HEARTBEAT_INTERVAL
         try:
-            while not self._stopping.is_set():
-                deadlines = [next_beat, self.tracker.next_deadline(),
-                             subscriptions.next_check()]
-                timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
-                for _provider, message in subscriptions.poll(timeout):
-                    self._on_message(message)
-                for key in self.tracker.due():
-                    self._pool.submit(self._transfer, key)
-                subscriptions.resubscribe_silent()
-                if time.monotonic() >= next_beat:
-                    self.publisher.heartbeat(HEARTBEAT_INTERVAL)
-                    next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+            self._loop(poller, subscriptions, self._requests)
         except Exception:
-            LOG.exception("Section %s stopped reading messages", self.settings.name)
+            LOG.exception("Section %s stopped working", self.settings.name)
         finally:
-            self._subscriptions = None
             subscriptions.close()
+            self._requests.close()
+            self._waker.close()
+
+    def _loop(self, poller: zmq.Poller, subscriptions: SubscriptionSet,
+              requests: RequestMultiplexer) -> None:
+        next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+        reading = True
+        while reading or len(requests) or self._unpacking:
+            if reading and self._stopping.is_set():
+                reading = False  # stop: no new files, finish the ones in flight
+                subscriptions.close()
+                self._waiting.clear()
+            deadlines = [next_beat, requests.next_deadline()]
+            if reading:
+                deadlines += [self.tracker.next_deadline(), subscriptions.next_check()]
+            timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
+            ready = dict(poller.poll(int(timeout * 1000 + 0.999)))
+            assert self._waker is not None
+            self._waker.clear(ready)
+            if reading:
+                for _provider, message in subscriptions.read(ready):
+                    self._on_message(message)
+            requests.handle(ready)
+            requests.expire()
+            while not self._calls.empty():
+                self._calls.get()()
+            if reading:
+                self._waiting.extend(self.tracker.due())
+                self._start_waiting()
+                subscriptions.resubscribe_silent()
+            if time.monotonic() >= next_beat:
+                self.publisher.heartbeat(HEARTBEAT_INTERVAL)
+                next_beat = time.monotonic() + HEARTBEAT_INTERVAL
 
     def _on_message(self, message: Message) -> None:
         """Dispatch one received message (announcement, or another client's news)."""
@@ -245,85 +314,157 @@ class ClientSection:
         LOG.debug("Announcement of %s from %s: %s", key[0], message.data["request_address"],
                   action.value)
         if action is Action.REQUEST:
-            self._pool.submit(self._transfer, key)
+            self._waiting.append(key)
+            self._start_waiting()
         elif action is Action.ACK:
-            self._pool.submit(self._ack, message)
+            self._ack(message)
 
-    # -- worker threads ----------------------------------------------------------------------------
-    def _transfer(self, key: FileKey) -> None:
-        """Request ``key`` from its announcers in turn until one delivers it."""
-        delivered = False
-        try:
-            while not delivered and (announcement := self.tracker.next_source(key)) is not None:
-                delivered = self._deliver(announcement)
-        except DeliveryError as err:
-            LOG.error("Cannot request %s: %s", key[0], err)
-        except Exception:
-            LOG.exception("Transfer of %s failed", key[0])
-        finally:
-            leftovers = self.tracker.finish(key, delivered)
-        for other in leftovers:
-            self._ack(other)
+    # -- transfers (the section's thread) ----------------------------------------------------------
+    def _start_waiting(self) -> None:
+        """Start waiting transfers while fewer than ``workers`` pushes are in flight."""
+        while self._waiting and self._active < self.settings.workers:
+            key = self._waiting.popleft()
+            self._active += 1
+            self._request_next(key)
 
-    def _deliver(self, announcement: Message) -> bool:
-        """Request one announced file; publish push, ack and file; True when delivered."""
+    def _request_next(self, key: FileKey) -> None:
+        """Push-request ``key`` from its next announcer; end the transfer when none is left."""
+        while (announcement := self.tracker.next_source(key)) is not None:
+            try:
+                self._push(key, announcement)
+                return
+            except DeliveryError as err:
+                LOG.error("Cannot request %s: %s", key[0], err)
+                break  # the same settings fail for every announcer
+            except ValueError as err:
+                LOG.error("Cannot request %s from %r: %s", key[0],
+                          announcement.data.get("request_address"), err)
+        self._finish(key, delivered=False)
+
+    def _push(self, key: FileKey, announcement: Message) -> None:
         s = self.settings
         destination = Destination.parse(compose_destination(s.destination, announcement.data))
         local_dir = destination.local_directory(s.ftp_root)
         if s.create_target_directory and local_dir:
-            try:
-                os.makedirs(local_dir, exist_ok=True)
-            except OSError as err:
-                raise DeliveryError(f"cannot create {local_dir}: {err.strerror or err}") from None
+            self._ensure_directory(local_dir)
         request, public = push_request(announcement, destination, s.login, list(s.backup_targets))
         server = announcement.data["request_address"]
-        started = time.monotonic()
+        assert self._requests is not None
         self._publish(public)
+        transfer = _Transfer(key, announcement, destination, local_dir, server,
+                             time.monotonic())
+        self._requests.send(server, request, s.transfer_req_timeout,
+                            lambda reply, error: self._on_push_reply(transfer, reply, error))
+
+    def _on_push_reply(self, transfer: _Transfer, reply: Message | None,
+                       error: RequestError | None) -> None:
+        if reply is None or reply.type not in FILE_TYPES:
+            detail = error if reply is None else f"{reply.type} {reply.data}"
+            LOG.error("No transfer of %s from %s: %s", transfer.key[0], transfer.server, detail)
+            self._request_next(transfer.key)
+            return
+        s = self.settings
+        ack = ack_request(transfer.announcement).encode()
+        data = final_data(transfer.announcement, transfer.destination, login=s.login,
+                          reply=reply, rewrites=s.rewrites)
+        if self._unpackers is not None:
+            self._send(ack)
+            self._unpacking += 1
+            self._unpackers.submit(self._unpack_and_announce, transfer, data)
+        else:
+            # both built first and sent back to back: a client dying between its ack and its
+            # file message would leave a hot spare believing the file announced
+            self._announce(transfer, data, ack)
+        self._finish(transfer.key, delivered=True)
+
+    def _finish(self, key: FileKey, delivered: bool) -> None:
+        """End the transfer of ``key``: ``ack`` the other announcers, free the slot."""
+        for other in self.tracker.finish(key, delivered):
+            self._ack(other)
+        self._active -= 1
+
+    def _announce(self, transfer: _Transfer, data: dict[str, Any], ack: str | None = None
+                  ) -> None:
+        """Publish the final message of a delivered file, after ``ack`` if given (any thread)."""
+        final = Message(transfer.announcement.subject, message_type(data), data).encode()
+        if ack is not None:
+            self._send(ack)
+        self._send(final)
+        LOG.info("Delivered %s from %s to %s in %.1f ms", transfer.key[0], transfer.server,
+                 transfer.destination.public_url(), (time.monotonic() - transfer.started) * 1000)
+
+    def _unpack_and_announce(self, transfer: _Transfer, data: dict[str, Any]) -> None:
+        """Unpack a delivered file and announce what came out (an unpacker thread)."""
+        s = self.settings
         try:
-            reply = self.requesters.request(server, request, s.transfer_req_timeout)
-        except (RequestError, ValueError) as err:
-            LOG.error("No transfer of %s from %s: %s", public.data.get("uid"), server, err)
-            return False
-        if reply.type not in FILE_TYPES:
-            LOG.error("Server %s did not deliver %s: %s %s", server, public.data.get("uid"),
-                      reply.type, reply.data)
-            return False
-        self._publish(ack_request(announcement))
-        data = final_data(announcement, destination, login=s.login, reply=reply,
-                          rewrites=s.rewrites)
-        if s.compression:
-            try:
-                data = unpack_files(data, s.compression, local_dir, destination, login=s.login,
-                                    delete=s.delete, prog=s.xritdecompressor)
-            except (OSError, unpack.UnpackError) as err:
-                LOG.error("Delivered %s but could not unpack it: %s", public.data.get("uid"),
-                          err)
-                return True
-        self._publish(Message(announcement.subject, message_type(data), data))
-        LOG.info("Delivered %s from %s to %s in %.1f ms", public.data.get("uid"), server,
-                 public.data["destination"], (time.monotonic() - started) * 1000)
-        return True
+            assert s.compression is not None
+            data = unpack_files(data, s.compression, transfer.local_dir, transfer.destination,
+                                login=s.login, delete=s.delete, prog=s.xritdecompressor)
+        except (OSError, unpack.UnpackError) as err:
+            LOG.error("Delivered %s but could not unpack it: %s", transfer.key[0], err)
+        except Exception:
+            LOG.exception("Delivered %s but could not unpack it", transfer.key[0])
+        else:
+            self._announce(transfer, data)
+        finally:
+            self._calls.put(self._unpacked)
+            self._wake()
+
+    def _unpacked(self) -> None:
+        self._unpacking -= 1
+
+    def _ensure_directory(self, path: str) -> None:
+        """Create ``path`` unless it was seen recently; :class:`DeliveryError` when it cannot."""
+        if path in self._directories:
+            self._directories.move_to_end(path)
+            return
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise DeliveryError(f"cannot create {path}: {err.strerror or err}") from None
+        self._directories[path] = None
+        if len(self._directories) > KNOWN_DIRECTORIES:
+            self._directories.popitem(last=False)
 
     def _ack(self, announcement: Message) -> None:
         """Tell a server that this client has its file already."""
         server = announcement.data.get("request_address")
+        uid = announcement.data.get("uid") or file_key(announcement.data)
+
+        def done(reply: Message | None, error: RequestError | None) -> None:
+            if reply is None:
+                LOG.warning("No answer to ack of %s from %s: %s", uid, server, error)
+            elif reply.type != "ack":
+                LOG.warning("Server %s answered %s to ack of %s", server, reply.type, uid)
+            else:
+                LOG.debug("Sent ack for %s to %s", uid, server)
+
+        assert self._requests is not None
         try:
-            reply = self.requesters.request(server, ack_request(announcement),
-                                            self.settings.req_timeout)
-        except (RequestError, ValueError) as err:
-            LOG.warning("No answer to ack of %s from %s: %s", announcement.data.get("uid"),
-                        server, err)
-            return
-        if reply.type != "ack":
-            LOG.warning("Server %s answered %s to ack of %s", server, reply.type,
-                        announcement.data.get("uid"))
-        else:
-            LOG.debug("Sent ack for %s to %s", announcement.data.get("uid"), server)
+            self._requests.send(str(server), ack_request(announcement), self.settings.req_timeout,
+                                done)
+        except ValueError as err:
+            LOG.warning("Cannot ack %s to %r: %s", uid, server, err)
 
     def _publish(self, message: Message) -> None:
+        self._send(message.encode())
+
+    def _send(self, text: str) -> None:
         publisher = self.publisher
         if publisher is not None:
-            publisher.send(message.encode())
+            publisher.send(text)
+
+
+@dataclass(frozen=True)
+class _Transfer:
+    """One push request in flight."""
+
+    key: FileKey
+    announcement: Message
+    destination: Destination
+    local_dir: str | None
+    server: str
+    started: float
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -171,10 +171,14 @@ def map_files(data: Mapping[str, Any], func: Callable[[dict[str, Any]], dict[str
 
 def push_request(announcement: Message, destination: Destination, login: str | None = None,
                  backup_targets: list[str] | None = None) -> tuple[Message, Message]:
-    """The ``push`` request for an announcement, and its credential-free copy to publish."""
+    """The ``push`` request for an announcement, and its credential-free copy to publish
+    (the same message when the request carries no credentials and no backup targets)."""
     public = Message(announcement.subject, "push",
                      {**announcement.data, "destination": destination.public_url()})
-    data = {**announcement.data, "destination": destination.request_url(login)}
+    request_url = destination.request_url(login)
+    if request_url == public.data["destination"] and not backup_targets:
+        return public, public
+    data = {**announcement.data, "destination": request_url}
     if backup_targets:
         data["backup_targets"] = list(backup_targets)
     return Message(announcement.subject, "push", data), public

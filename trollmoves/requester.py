@@ -1,16 +1,23 @@
 """The REQ side of the request protocol: one posttroll message out, one reply back.
 
 Each server address gets a small pool of REQ sockets so that several files can be requested
-from it at once. A socket whose request timed out is closed and never reused (the "lazy
-pirate" pattern: a REQ socket that missed its reply is stuck in the wrong state), so a late
-reply can never be taken for the answer to a later request.
+from it at once, either blocking (:meth:`Requester.request`) or many at a time from one
+thread's poll loop (:class:`RequestMultiplexer`). A socket whose request timed out is closed
+and never reused (the "lazy pirate" pattern: a REQ socket that missed its reply is stuck in
+the wrong state), so a late reply can never be taken for the answer to a later request.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import zmq
 from posttroll.backends.zmq.socket import set_up_client_socket
@@ -44,8 +51,16 @@ def tcp_address(address: str) -> str:
     return f"tcp://{address}"
 
 
+def parse_reply(raw: bytes, address: str) -> Message:
+    """Decode a reply; :class:`RequestError` when it is not a posttroll message."""
+    try:
+        return Message(rawstr=raw)
+    except (MessageError, ValueError, UnicodeDecodeError) as err:
+        raise RequestError(f"invalid reply from {address}: {err}") from None
+
+
 class Requester:
-    """Requests to one server address over reusable REQ sockets."""
+    """Reusable REQ sockets to one server address, and blocking requests over them."""
 
     def __init__(self, address: str, max_idle: int = MAX_IDLE_SOCKETS) -> None:
         self.address = tcp_address(address)
@@ -54,21 +69,27 @@ class Requester:
         self._lock = threading.Lock()
         self._closed = False
 
-    def _checkout(self) -> zmq.Socket:
+    def acquire(self) -> zmq.Socket:
+        """An idle socket, or a new one; give it back with :meth:`release` or :meth:`discard`."""
         with self._lock:
             if self._closed:
                 raise RequestError(f"requester for {self.address} is closed")
             if self._idle:
                 return self._idle.pop()
-        sock = set_up_client_socket(zmq.REQ, self.address,
+        return set_up_client_socket(zmq.REQ, self.address,
                                     {zmq.MAXMSGSIZE: MAX_REPLY_BYTES, zmq.LINGER: 0})
-        return sock
 
-    def _checkin(self, sock: zmq.Socket) -> None:
+    def release(self, sock: zmq.Socket) -> None:
+        """Return a socket whose request got its reply, for reuse."""
         with self._lock:
             if not self._closed and len(self._idle) < self._max_idle:
                 self._idle.append(sock)
                 return
+        sock.close(linger=0)
+
+    @staticmethod
+    def discard(sock: zmq.Socket) -> None:
+        """Close a socket whose request got no reply: it is never reused (lazy pirate)."""
         sock.close(linger=0)
 
     def request(self, message: Message, timeout: float) -> Message:
@@ -76,20 +97,19 @@ class Requester:
 
         ``timeout`` is in seconds. A socket that timed out or got garbage is discarded.
         """
-        sock = self._checkout()
+        sock = self.acquire()
         try:
+            sock.setsockopt(zmq.RCVTIMEO, max(0, int(timeout * 1000)))
             sock.send_string(message.encode())
-            if not sock.poll(timeout=max(0, int(timeout * 1000)), flags=zmq.POLLIN):
-                raise RequestTimeout(f"no reply from {self.address} within {timeout:g} s")
             raw = sock.recv()
+        except zmq.Again:
+            self.discard(sock)
+            raise RequestTimeout(f"no reply from {self.address} within {timeout:g} s") from None
         except BaseException:
-            sock.close(linger=0)
+            self.discard(sock)
             raise
-        self._checkin(sock)
-        try:
-            return Message(rawstr=raw)
-        except (MessageError, ValueError, UnicodeDecodeError) as err:
-            raise RequestError(f"invalid reply from {self.address}: {err}") from None
+        self.release(sock)
+        return parse_reply(raw, self.address)
 
     def close(self) -> None:
         """Close every idle socket; requests in progress close theirs when they end."""
@@ -134,3 +154,114 @@ class RequesterPool:
             self._requesters.clear()
         for requester in requesters:
             requester.close()
+
+
+#: Called with the reply, or with the error when there is none.
+ReplyCallback = Callable[[Message | None, RequestError | None], None]
+
+
+@dataclass
+class _InFlight:
+    requester: Requester
+    sock: zmq.Socket
+    deadline: float
+    callback: ReplyCallback
+
+
+class RequestMultiplexer:
+    """Many requests in flight at once, their sockets in the poller of the thread owning this.
+
+    That thread calls :meth:`handle` with what its poll returned and :meth:`expire` when
+    :meth:`next_deadline` has passed; callbacks run in that thread. Not thread safe.
+    """
+
+    def __init__(self, pool: RequesterPool, poller: zmq.Poller,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._pool = pool
+        self._poller = poller
+        self._clock = clock
+        self._in_flight: dict[zmq.Socket, _InFlight] = {}
+        self._deadlines: list[tuple[float, int, zmq.Socket]] = []
+        self._seq = itertools.count()
+
+    def send(self, address: str, message: Message, timeout: float,
+             callback: ReplyCallback) -> None:
+        """Send ``message`` to ``address``; ``callback`` gets the reply or the error later.
+
+        Raises ValueError for an address that is not ``host:port``.
+        """
+        requester = self._pool.get(address)
+        try:
+            sock = requester.acquire()
+        except RequestError as err:
+            callback(None, err)
+            return
+        try:
+            sock.send_string(message.encode(), zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            requester.discard(sock)
+            callback(None, RequestError(f"cannot send to {requester.address}: {err}"))
+            return
+        deadline = self._clock() + timeout
+        self._in_flight[sock] = _InFlight(requester, sock, deadline, callback)
+        heapq.heappush(self._deadlines, (deadline, next(self._seq), sock))
+        self._poller.register(sock, zmq.POLLIN)
+
+    def handle(self, ready: Mapping[Any, int]) -> None:
+        """Deliver the replies that arrived (``ready`` as returned by the poller)."""
+        for sock in [s for s in ready if s in self._in_flight]:
+            entry = self._end(sock)
+            try:
+                raw = sock.recv(zmq.NOBLOCK)
+            except zmq.ZMQError as err:
+                entry.requester.discard(sock)
+                self._call(entry, None, RequestError(f"{entry.requester.address}: {err}"))
+                continue
+            try:
+                reply = parse_reply(raw, entry.requester.address)
+            except RequestError as err:
+                entry.requester.discard(sock)
+                self._call(entry, None, err)
+                continue
+            entry.requester.release(sock)
+            self._call(entry, reply, None)
+
+    def expire(self) -> None:
+        """Give up the requests whose timeout has passed; their sockets are discarded."""
+        now = self._clock()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, sock = heapq.heappop(self._deadlines)
+            entry = self._in_flight.get(sock)
+            if entry is None or entry.deadline > now:
+                continue
+            self._end(sock)
+            entry.requester.discard(sock)
+            self._call(entry, None, RequestTimeout(
+                f"no reply from {entry.requester.address} in time"))
+
+    def next_deadline(self) -> float | None:
+        """When the earliest request in flight times out, or None."""
+        while self._deadlines and self._deadlines[0][2] not in self._in_flight:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def __len__(self) -> int:
+        """Requests in flight."""
+        return len(self._in_flight)
+
+    def close(self) -> None:
+        """Abandon every request in flight (no callback) and close their sockets."""
+        for sock in list(self._in_flight):
+            self._end(sock).requester.discard(sock)
+        self._deadlines.clear()
+
+    def _end(self, sock: zmq.Socket) -> _InFlight:
+        self._poller.unregister(sock)
+        return self._in_flight.pop(sock)
+
+    @staticmethod
+    def _call(entry: _InFlight, reply: Message | None, error: RequestError | None) -> None:
+        try:
+            entry.callback(reply, error)
+        except Exception:
+            LOG.exception("Handling the reply from %s failed", entry.requester.address)

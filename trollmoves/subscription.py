@@ -4,8 +4,8 @@ Each provider (``host:port``, optionally ``host:port/topic``) gets its own SUB s
 provider that fell silent for longer than ``heartbeat_alarm_scale`` times its heartbeat interval
 can be resubscribed alone. Messages are read without blocking the caller longer than asked,
 bounded in size, and anything that is not a posttroll message is dropped with a log line.
-The set belongs to the thread that polls it (ZeroMQ sockets are not thread safe); ``wake()``
-may be called from any thread to make a running ``poll`` return at once.
+The set belongs to the thread that polls it (ZeroMQ sockets are not thread safe); a
+:class:`Waker` lets other threads interrupt that poll.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 from posttroll.backends.zmq.socket import set_up_client_socket
@@ -29,6 +30,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_BEAT_INTERVAL = 30.0
 #: Prefix of the heartbeat subjects of servers, mirrors and clients.
 HEARTBEAT_TOPIC = "/heartbeat/move_it"
+#: Messages queued per provider on this side: a burst of announcements waits here instead of
+#: being dropped by the publisher (whose own queue holds only 1000 by default).
+RECEIVE_QUEUE = 100_000
 #: Messages read from one socket before the others get their turn.
 BATCH = 256
 
@@ -77,7 +81,8 @@ class _Feed:
 
     def connect(self) -> zmq.Socket:
         sock = set_up_client_socket(zmq.SUB, self.provider.address,
-                                    {zmq.MAXMSGSIZE: MAX_MESSAGE_BYTES, zmq.LINGER: 0})
+                                    {zmq.MAXMSGSIZE: MAX_MESSAGE_BYTES, zmq.LINGER: 0,
+                                     zmq.RCVHWM: RECEIVE_QUEUE})
         for topic in self.provider.topics:
             sock.setsockopt_string(zmq.SUBSCRIBE, posttroll_topic(topic))
         self.sock = sock
@@ -85,22 +90,20 @@ class _Feed:
 
 
 class SubscriptionSet:
-    """SUB sockets over ``providers``; resubscribes a provider silent for too long.
+    """SUB sockets over ``providers`` in the caller's poller; resubscribes a silent provider.
 
     ``alarm_scale`` (``heartbeat_alarm_scale``) times the provider's heartbeat interval is
-    how long it may stay silent; None or 0 disables the check.
+    how long it may stay silent; None or 0 disables the check. The thread owning ``poller``
+    passes what its poll returned to :meth:`read`.
     """
 
-    def __init__(self, providers: Sequence[Provider], alarm_scale: float | None = None,
+    def __init__(self, providers: Sequence[Provider], poller: zmq.Poller,
+                 alarm_scale: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.alarm_scale = alarm_scale or 0.0
-        self._poller = zmq.Poller()
+        self._poller = poller
         self._feeds: dict[zmq.Socket, _Feed] = {}
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._poller.register(self._wake_r, zmq.POLLIN)
         now = clock()
         for provider in providers:
             self._attach(_Feed(provider, now))
@@ -121,19 +124,8 @@ class SubscriptionSet:
         """The providers subscribed to."""
         return [feed.provider for feed in self._feeds.values()]
 
-    def wake(self) -> None:
-        """Make the current or next :meth:`poll` return at once (any thread)."""
-        with contextlib.suppress(BlockingIOError, OSError):  # already woken, or closed
-            self._wake_w.send(b"\0")
-
-    def poll(self, timeout: float | None) -> list[tuple[Provider, Message]]:
-        """Wait up to ``timeout`` seconds (None: forever) and return the messages that came."""
-        millis = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        ready = dict(self._poller.poll(millis))
-        if self._wake_r in ready:
-            with contextlib.suppress(BlockingIOError, OSError):
-                while self._wake_r.recv(4096):
-                    pass
+    def read(self, ready: Mapping[Any, int]) -> list[tuple[Provider, Message]]:
+        """The messages waiting on the sockets that ``ready`` (the poll result) names."""
         received: list[tuple[Provider, Message]] = []
         now = self._clock()
         for sock, feed in list(self._feeds.items()):
@@ -197,6 +189,32 @@ class SubscriptionSet:
         """Close every socket."""
         for sock in list(self._feeds):
             self._detach(sock)
-        self._poller.unregister(self._wake_r)
-        self._wake_r.close()
-        self._wake_w.close()
+
+
+class Waker:
+    """Makes a poll in another thread return at once: a socket pair in that thread's poller."""
+
+    def __init__(self, poller: zmq.Poller) -> None:
+        self._poller = poller
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        poller.register(self._read, zmq.POLLIN)
+
+    def wake(self) -> None:
+        """Wake the poll (any thread)."""
+        with contextlib.suppress(BlockingIOError, OSError):  # already woken, or closed
+            self._write.send(b"\0")
+
+    def clear(self, ready: Mapping[Any, int]) -> None:
+        """Consume the wake-ups, if ``ready`` (the poll result) says there are some."""
+        if self._read in ready:
+            with contextlib.suppress(BlockingIOError, OSError):
+                while self._read.recv(4096):
+                    pass
+
+    def close(self) -> None:
+        """Close the socket pair."""
+        self._poller.unregister(self._read)
+        self._read.close()
+        self._write.close()
