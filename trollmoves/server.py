@@ -750,7 +750,15 @@ def validate_sections(path: str, sections: Mapping[str, Mapping[str, Any]]) -> N
 # -- the program ---------------------------------------------------------------------------
 
 class Server:
-    """The whole server: publisher, heartbeat and the section runner."""
+    """The whole server: publisher, heartbeat and the section runner.
+
+    Subclasses (the mirror) change the publisher ``name``, the config ``kind``, the whole-file
+    ``validate`` check and :meth:`_make_section`.
+    """
+
+    name = NAME
+    kind = "server"
+    validate = staticmethod(validate_sections)
 
     def __init__(self, config_path: str, *, port: int = DEFAULT_PORT, backlog: bool = True,
                  polling: bool = False, grace: float = PUBLISHER_GRACE) -> None:
@@ -760,8 +768,8 @@ class Server:
         self.polling = polling
         self.grace = grace
         self.context: ServerContext | None = None
-        self.runner = ServiceRunner(config_path, "server", self._make_section,
-                                    validate=validate_sections, on_stop=interrupt_retries)
+        self.runner = ServiceRunner(config_path, self.kind, self._make_section,
+                                    validate=self.validate, on_stop=interrupt_retries)
 
     def _make_section(self, name: str, config: dict[str, Any]) -> Section:
         assert self.context is not None
@@ -769,22 +777,22 @@ class Server:
 
     def run(self) -> None:
         """Publish, start the sections and serve until SIGTERM/SIGINT."""
-        publisher = Publisher(f"tcp://*:{self.port}", name=NAME)
+        publisher = Publisher(f"tcp://*:{self.port}", name=self.name)
         publisher.start()
         self.context = ServerContext(publisher, backlog=self.backlog, polling=self.polling,
                                      grace=self.grace)
-        heartbeat = Heartbeat(self.context.publish, NAME, first_after=self.grace)
+        heartbeat = Heartbeat(self.context.publish, self.name, first_after=self.grace)
         heartbeat.start()
         try:
             self.runner.start()
-            LOG.info("%s ready: %d section(s), publishing on port %d", NAME,
+            LOG.info("%s ready: %d section(s), publishing on port %d", self.name,
                      len(self.runner.workers), publisher.port_number)
             self.runner.run()
         finally:
             heartbeat.stop()
             heartbeat.join()
             publisher.stop()
-            LOG.info("%s stopped", NAME)
+            LOG.info("%s stopped", self.name)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -809,14 +817,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("watchdog").setLevel(logging.INFO)  # a debug line per inotify event
     server = Server(args.config_file, port=args.port, backlog=not args.disable_backlog,
                     polling=args.watchdog)
+    return run_service(server, args, "move_it_server.py")
+
+
+def run_service(service: Server, args: argparse.Namespace, prog: str) -> int:
+    """Run ``service`` until stopped; exit status 1 when its configuration or its publish port
+    cannot be used (said in the log, and on stderr too when the log goes elsewhere)."""
     try:
-        server.run()
+        service.run()
     except (ConfigError, zmq.ZMQError) as err:
         problem = str(err) if isinstance(err, ConfigError) else (
             f"cannot publish on port {args.port}: {err}")
         LOG.error("%s", problem)
         if args.log or args.log_config:  # the log is elsewhere: say it here too
-            print(f"move_it_server.py: {problem}", file=sys.stderr)
+            print(f"{prog}: {problem}", file=sys.stderr)
         return 1
     return 0
 
