@@ -22,6 +22,7 @@ FRONT_ENDS: dict[str, tuple[str, str]] = {
     "client": ("trollmoves.client", "request announced files"),
     "demo": ("trollmoves.demo", "run a server and a client on loopback and show files arrive"),
     "server": ("trollmoves.server", "announce files and serve transfer requests"),
+    "mirror": ("trollmoves.mirror", "relay announcements and transfers between networks"),
     "check": ("trollmoves.check", "validate a configuration file"),
     "s3download": ("trollmoves.s3downloader", "download announced S3 objects"),
     "dispatch": ("trollmoves.dispatcher", "push local files to targets by rules"),
