@@ -265,6 +265,24 @@ def test_ack_and_delete_clean_staging_then_a_push_fetches_again(workers: list[Se
     assert len(pushes) == 2 and (tmp_path / "two" / uid).exists()
 
 
+def test_a_dataset_is_staged_and_delivered_whole(workers: list[Section], tmp_path: Path) -> None:
+    _, first = upstream_file(workers, tmp_path)
+    second = new_file(tmp_path / "src", 1)
+    mirror, publisher = start_mirror(workers, tmp_path)
+    items = [{"uid": first.data["uid"], "uri": first.data["uri"]},
+             {"uid": second.name, "uri": str(second)}]
+    mirror.on_upstream(Message("/1b/hrit", "dataset", {
+        "dataset": items, "platform_name": "MSG4",
+        "request_address": first.data["request_address"]}))
+    [relayed] = publisher.sent
+    assert relayed.type == "dataset" and relayed.data["dataset"] == items
+    reply = mirror.handle(push("", tmp_path / "dst", relayed.data))
+    assert reply.type == "dataset"
+    for item in items:
+        assert (tmp_path / "stage" / item["uid"]).exists()
+        assert (tmp_path / "dst" / item["uid"]).read_bytes() == b"segment"
+
+
 def test_unreachable_upstream_is_a_prompt_error(workers: list[Section], tmp_path: Path) -> None:
     mirror, publisher = start_mirror(workers, tmp_path, req_timeout=0.2)
     down = announcement("a.h5", f"127.0.0.1:{free_port()}")
