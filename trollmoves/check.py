@@ -75,6 +75,9 @@ def check(path: str, kind: str | None = None) -> tuple[str, Any]:
         if kind == "server":
             from trollmoves.server import validate_sections  # whole-file checks of the server
             validate_sections(path, sections)
+        elif kind == "mirror":
+            from trollmoves.mirror import validate_mirror  # and of the mirror
+            validate_mirror(path, sections)
         return kind, sections
     if kind == "dispatcher":
         from trollmoves.dispatcher import read_config  # rules, aliases and conditions too
