@@ -641,3 +641,24 @@ def test_hot_spare_section_takes_over_a_push_never_acked(
         watcher.collect(lambda ms: any(m.type == "file" for m in ms))
     assert [r.data["uid"] for r in server.requests] == ["a.h5"]
     assert "taking over" in caplog.text
+
+
+def test_odd_announcements_are_logged_and_the_section_goes_on(
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = fake_server()
+    client = section([f"127.0.0.1:{server.pub_port}"])
+    watcher = _subscribed_watcher(client, [server])
+    odd = [Message("/1b/hrit", "file", "just text"),
+           Message("/1b/hrit", "file", {"uid": "a", "uri": "/a", "request_address": "noport"}),
+           Message("/1b/hrit", "file", {"uid": "b", "uri": "/b", "request_address": 12}),
+           Message("/1b/hrit", "file", {"uid": "c", "request_address": "bad host:x"}),
+           Message("/1b/hrit", "dataset", {"dataset": "not a list", "request_address": "h:1"})]
+    with caplog.at_level(logging.ERROR):
+        for message in odd:
+            server.pub.send_string(message.encode())
+        server.pub.send(b"not posttroll at all")
+        server.announce("good")
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [m.data["uid"] for m in watcher.of_type("file")] == ["good"]
+    assert "Cannot request a" in caplog.text and "Cannot request b" in caplog.text

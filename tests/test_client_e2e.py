@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import bz2
 import io
+import signal
 import socket
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -314,3 +316,36 @@ def test_demo_runs_by_itself_and_exits_zero() -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 file(s) arrived" in done.stdout and "Server and client stopped" in done.stdout
+
+
+def test_reload_restarts_only_the_changed_section_and_sigterm_stops_cleanly(
+        setup: Deployment, tmp_path: Path) -> None:
+    src, dst_a, dst_b, dst_b2 = dirs(tmp_path, "src", "a", "b", "b2")
+    server_port, _ = setup.server({"hrit": hrit_server_section(src)})
+    port_a, port_b = ports(2)
+    sections = {"a": client_section(server_port, f"{dst_a}/", port_a),
+                "b": client_section(server_port, f"{dst_b}/", port_b)}
+    client = setup.client(sections)
+    setup.run()
+    config = tmp_path / "client" / "client.ini"
+    text = config.read_text().replace(f"destination = {dst_b}/", f"destination = {dst_b2}/")
+    config.write_text(text)
+    client.proc.send_signal(signal.SIGHUP)
+    client.wait_log(r"Reloaded .*changed \['b'\]")
+    from_a, from_b = setup.listen(port_a), setup.listen(port_b)
+    # the restarted section hears of no heartbeat for 30 s: offer files until it gets one
+    deadline = time.monotonic() + 20
+    number = 0
+    while not from_b.of_type("file"):
+        assert time.monotonic() < deadline, "the reloaded section delivered nothing"
+        drop(src, hrit_name(number))
+        number += 1
+        from_b.drain(timeout=0.5)
+    name = from_b.uids("file")[0]
+    from_a.collect(lambda ms: name in from_a.uids("file"), what="the same file in section a")
+    assert (dst_a / name).exists() and (dst_b2 / name).exists()
+    assert not any(dst_b.iterdir())
+    assert "Stopped section a" not in client.log_text()
+    client.proc.send_signal(signal.SIGTERM)
+    assert client.proc.wait(10) == 0
+    assert "Stopped 2 section(s)" in client.log_text()

@@ -16,6 +16,7 @@ transfers in flight finish (see :mod:`trollmoves.service`).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import queue
@@ -62,6 +63,8 @@ DEFAULT_REQ_TIMEOUT = 1.0
 DEFAULT_TRANSFER_REQ_TIMEOUT = 10.0
 DEFAULT_WORKERS = 8
 HEARTBEAT_INTERVAL = 30.0
+#: Seconds to retry binding a publish port that is still held by a stopping publisher.
+REBIND_TIMEOUT = 5.0
 #: Messages queued per subscriber of a section's publisher before it drops.
 PUBLISH_QUEUE = 100_000
 #: Destination directories remembered as existing (not checked again for every file).
@@ -148,11 +151,20 @@ class ClientSettings:
 def create_publisher(name: str, port: int, nameservers: Any) -> Any:
     """A started posttroll publisher: plain when ``nameservers`` is false, else announced to
     the nameservers given (or by multicast when None)."""
-    if nameservers is False:
-        publisher = Publisher(f"tcp://*:{port}", name=name).start()
-    else:
-        servers = list(nameservers) if nameservers else None
-        publisher = NoisyPublisher(name, port=port, nameservers=servers).start()
+    deadline = time.monotonic() + REBIND_TIMEOUT
+    while True:
+        try:
+            if nameservers is False:
+                publisher = Publisher(f"tcp://*:{port}", name=name).start()
+            else:
+                servers = list(nameservers) if nameservers else None
+                publisher = NoisyPublisher(name, port=port, nameservers=servers).start()
+            break
+        except zmq.ZMQError as err:
+            # a section restarted by a reload: ZeroMQ releases the old port in the background
+            if err.errno != errno.EADDRINUSE or not port or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
     _deepen_send_queue(publisher)
     return publisher
 
@@ -281,8 +293,8 @@ class ClientSection:
             assert self._waker is not None
             self._waker.clear(ready)
             if reading:
-                for _provider, message in subscriptions.read(ready):
-                    self._on_message(message)
+                for provider, message in subscriptions.read(ready):
+                    self._on_message(provider, message)
             requests.handle(ready)
             requests.expire()
             while not self._calls.empty():
@@ -295,19 +307,23 @@ class ClientSection:
                 self.publisher.heartbeat(HEARTBEAT_INTERVAL)
                 next_beat = time.monotonic() + HEARTBEAT_INTERVAL
 
-    def _on_message(self, message: Message) -> None:
+    def _on_message(self, provider: Provider, message: Message) -> None:
         """Dispatch one received message (announcement, or another client's news)."""
         if message.type not in FILE_TYPES and message.type not in {"push", "ack"}:
             return
         key = file_key(message.data)
         if key is None:
             return
-        if message.type == "push":
-            self.tracker.peer_push(key)
-        elif message.type == "ack" or "request_address" not in message.data:
-            self.tracker.peer_done(key)
-        else:
-            self._on_announcement(key, message)
+        try:
+            if message.type == "push":
+                self.tracker.peer_push(key)
+            elif message.type == "ack" or "request_address" not in message.data:
+                self.tracker.peer_done(key)
+            else:
+                self._on_announcement(key, message)
+        except Exception:  # one odd message must not stop the section
+            LOG.exception("Cannot handle a %s message about %s from %s", message.type, key[0],
+                          provider.address)
 
     def _on_announcement(self, key: FileKey, message: Message) -> None:
         action = self.tracker.announce(key, message)
@@ -339,6 +355,8 @@ class ClientSection:
             except ValueError as err:
                 LOG.error("Cannot request %s from %r: %s", key[0],
                           announcement.data.get("request_address"), err)
+            except Exception:  # one odd announcement must not stop the section
+                LOG.exception("Cannot request %s", key[0])
         self._finish(key, delivered=False)
 
     def _push(self, key: FileKey, announcement: Message) -> None:

@@ -43,7 +43,7 @@ class RequestTimeout(RequestError, TimeoutError):
 
 def tcp_address(address: str) -> str:
     """``host:port`` (a ``request_address``) as a ZeroMQ endpoint ``tcp://host:port``."""
-    address = address.strip()
+    address = str(address).strip()
     if "://" in address:
         return address
     if ":" not in address:
@@ -195,6 +195,9 @@ class RequestMultiplexer:
             sock = requester.acquire()
         except RequestError as err:
             callback(None, err)
+            return
+        except zmq.ZMQError as err:  # an address ZeroMQ cannot connect to
+            callback(None, RequestError(f"cannot connect to {requester.address}: {err}"))
             return
         try:
             sock.send_string(message.encode(), zmq.NOBLOCK)
