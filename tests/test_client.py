@@ -22,6 +22,7 @@ import pytest
 import zmq
 from posttroll.message import Message
 
+from tests.moveit import DEADLINE, Listener, wait_for
 from trollmoves import unpack
 from trollmoves.client import ClientSection, ClientSettings
 from trollmoves.config import read_ini
@@ -46,8 +47,6 @@ from trollmoves.requester import (
 )
 from trollmoves.subscription import parse_providers, posttroll_topic
 
-DEADLINE = 10.0
-
 
 class Clock:
     """A hand-driven monotonic clock."""
@@ -60,17 +59,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 def announcement(uid: str = "H-000-MSG4-202611211000-__", server: str = "127.0.0.1:9",
@@ -515,27 +503,6 @@ def test_multiplexer_delivers_replies_and_times_out_without_reuse(
 
 # --------------------------------------------------------------------------- client section
 
-class Watcher:
-    """Subscribes to a client section's publisher and keeps what it publishes."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.connect(f"tcp://127.0.0.1:{port}")
-        self.messages: list[Message] = []
-
-    def collect(self, predicate: Callable[[list[Message]], bool]) -> list[Message]:
-        deadline = time.monotonic() + DEADLINE
-        while not predicate(self.messages):
-            assert time.monotonic() < deadline, f"got only {self.messages}"
-            if self.sock.poll(20):
-                self.messages.append(Message(rawstr=self.sock.recv()))
-        return self.messages
-
-    def of_type(self, kind: str) -> list[Message]:
-        return [m for m in self.messages if m.type == kind]
-
-
 @pytest.fixture
 def section(tmp_path: Any) -> Iterator[Callable[..., ClientSection]]:
     running: list[ClientSection] = []
@@ -555,22 +522,36 @@ def section(tmp_path: Any) -> Iterator[Callable[..., ClientSection]]:
         client.join(5)
 
 
-def _subscribed_watcher(client: ClientSection, servers: list[FakeServer]) -> Watcher:
-    watcher = Watcher(client.publisher.port_number)
+@pytest.fixture
+def watchers() -> Iterator[list[Listener]]:
+    made: list[Listener] = []
+    yield made
+    for listener in made:
+        listener.close()
+
+
+def _subscribed_watcher(client: ClientSection, servers: list[FakeServer],
+                        made: list[Listener]) -> Listener:
+    """A listener on the client's publisher, once the client is subscribed to ``servers``
+    and the listener to the client (a probe got through)."""
+    watcher = Listener([client.publisher.port_number])
+    made.append(watcher)
+    watcher.wait_connected()
     for server in servers:
         wait_for(lambda s=server: s.subscribed("/1b/hrit"), what="client subscription")
     probe = Message("/probe", "beat", {})
-    wait_for(lambda: (client._publish(probe), watcher.sock.poll(10))[1], what="watcher")
-    watcher.sock.recv()
+    wait_for(lambda: (client._publish(probe), watcher.drain(0.01))[1], what="watcher")
+    watcher.messages.clear()
     return watcher
 
 
 def test_section_requests_once_from_the_first_server_and_acks_the_other(
+        watchers: list[Listener],
         section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
         tmp_path: Any) -> None:
     first, second = fake_server(), fake_server()
     client = section([f"127.0.0.1:{first.pub_port}", f"127.0.0.1:{second.pub_port}"])
-    watcher = _subscribed_watcher(client, [first, second])
+    watcher = _subscribed_watcher(client, [first, second], watchers)
     first.announce("a.h5")
     wait_for(lambda: first.requests, what="push")
     second.announce("a.h5")
@@ -585,6 +566,7 @@ def test_section_requests_once_from_the_first_server_and_acks_the_other(
 
 
 def test_a_refused_file_is_not_announced_and_the_section_goes_on(
+        watchers: list[Listener],
         section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
         caplog: pytest.LogCaptureFixture) -> None:
     def refuse_bad(request: Message) -> Message:
@@ -594,7 +576,7 @@ def test_a_refused_file_is_not_announced_and_the_section_goes_on(
 
     server = fake_server(refuse_bad)
     client = section([f"127.0.0.1:{server.pub_port}"])
-    watcher = _subscribed_watcher(client, [server])
+    watcher = _subscribed_watcher(client, [server], watchers)
     with caplog.at_level(logging.ERROR, logger="trollmoves.client"):
         server.announce("bad")
         server.announce("good")
@@ -605,12 +587,13 @@ def test_a_refused_file_is_not_announced_and_the_section_goes_on(
 
 
 def test_hot_spare_section_leaves_the_file_to_the_primary(
+        watchers: list[Listener],
         section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer]) -> None:
     server = fake_server()
     primary = fake_server()  # stands in for the primary client's publisher
     spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
                     processing_delay=0.5)
-    watcher = _subscribed_watcher(spare, [server, primary])
+    watcher = _subscribed_watcher(spare, [server, primary], watchers)
     message = server.announce("a.h5")
     primary.pub.send_string(Message("/1b/hrit", "push", message.data).encode())
     primary.pub.send_string(Message("/1b/hrit", "ack", message.data).encode())
@@ -628,13 +611,14 @@ def test_the_example_config_reads() -> None:
 
 
 def test_hot_spare_section_takes_over_a_push_never_acked(
+        watchers: list[Listener],
         section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
         caplog: pytest.LogCaptureFixture) -> None:
     server = fake_server()
     primary = fake_server()
     spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
                     processing_delay=0.5, transfer_req_timeout=0.3)
-    watcher = _subscribed_watcher(spare, [server, primary])
+    watcher = _subscribed_watcher(spare, [server, primary], watchers)
     message = server.announce("a.h5")
     primary.pub.send_string(Message("/1b/hrit", "push", message.data).encode())  # then dies
     with caplog.at_level(logging.WARNING, logger="trollmoves.hotspare"):
@@ -644,11 +628,12 @@ def test_hot_spare_section_takes_over_a_push_never_acked(
 
 
 def test_odd_announcements_are_logged_and_the_section_goes_on(
+        watchers: list[Listener],
         section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
         caplog: pytest.LogCaptureFixture) -> None:
     server = fake_server()
     client = section([f"127.0.0.1:{server.pub_port}"])
-    watcher = _subscribed_watcher(client, [server])
+    watcher = _subscribed_watcher(client, [server], watchers)
     odd = [Message("/1b/hrit", "file", "just text"),
            Message("/1b/hrit", "file", {"uid": "a", "uri": "/a", "request_address": "noport"}),
            Message("/1b/hrit", "file", {"uid": "b", "uri": "/b", "request_address": 12}),

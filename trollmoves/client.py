@@ -368,10 +368,12 @@ class ClientSection:
         request, public = push_request(announcement, destination, s.login, list(s.backup_targets))
         server = announcement.data["request_address"]
         assert self._requests is not None
-        self._publish(public)
+        published = public.encode()
+        self._send(published)
         transfer = _Transfer(key, announcement, destination, local_dir, server,
                              time.monotonic())
-        self._requests.send(server, request, s.transfer_req_timeout,
+        self._requests.send(server, published if request is public else request,
+                            s.transfer_req_timeout,
                             lambda reply, error: self._on_push_reply(transfer, reply, error))
 
     def _on_push_reply(self, transfer: _Transfer, reply: Message | None,

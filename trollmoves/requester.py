@@ -184,11 +184,10 @@ class RequestMultiplexer:
         self._deadlines: list[tuple[float, int, zmq.Socket]] = []
         self._seq = itertools.count()
 
-    def send(self, address: str, message: Message, timeout: float,
+    def send(self, address: str, message: Message | str, timeout: float,
              callback: ReplyCallback) -> None:
-        """Send ``message`` to ``address``; ``callback`` gets the reply or the error later.
-
-        Raises ValueError for an address that is not ``host:port``.
+        """Send ``message`` (or its encoded form) to ``address``; ``callback`` gets the reply
+        or the error later. Raises ValueError for an address that is not ``host:port``.
         """
         requester = self._pool.get(address)
         try:
@@ -200,7 +199,8 @@ class RequestMultiplexer:
             callback(None, RequestError(f"cannot connect to {requester.address}: {err}"))
             return
         try:
-            sock.send_string(message.encode(), zmq.NOBLOCK)
+            text = message if isinstance(message, str) else message.encode()
+            sock.send_string(text, zmq.NOBLOCK)
         except zmq.ZMQError as err:
             requester.discard(sock)
             callback(None, RequestError(f"cannot send to {requester.address}: {err}"))
