@@ -45,7 +45,12 @@ from trollmoves.requester import (
     RequestTimeout,
     tcp_address,
 )
-from trollmoves.subscription import parse_providers, posttroll_topic
+from trollmoves.subscription import (
+    HEARTBEAT_TOPIC,
+    SubscriptionSet,
+    parse_providers,
+    posttroll_topic,
+)
 
 
 class Clock:
@@ -647,3 +652,24 @@ def test_odd_announcements_are_logged_and_the_section_goes_on(
         watcher.collect(lambda ms: any(m.type == "file" for m in ms))
     assert [m.data["uid"] for m in watcher.of_type("file")] == ["good"]
     assert "Cannot request a" in caplog.text and "Cannot request b" in caplog.text
+
+
+def test_a_silent_provider_is_resubscribed(fake_server: Callable[..., FakeServer]) -> None:
+    server = fake_server()
+    clock = Clock()
+    poller = zmq.Poller()
+    providers = parse_providers([f"127.0.0.1:{server.pub_port}"], ["/1b/hrit", HEARTBEAT_TOPIC])
+    subscriptions = SubscriptionSet(providers, poller, alarm_scale=2, clock=clock)
+    wait_for(lambda: server.subscribed("/heartbeat/move_it_server"), what="subscription")
+    server.pub.send_string(Message("/heartbeat/move_it_server", "beat",
+                                   {"min_interval": 5}).encode())
+    wait_for(lambda: subscriptions.read(dict(poller.poll(50))), what="the beat")
+    assert subscriptions.next_check() == clock.now + 10  # 2 x the announced 5 s
+    clock.advance(9)
+    assert subscriptions.resubscribe_silent() == []
+    clock.advance(2)
+    before = len(server.subscriptions)
+    assert subscriptions.resubscribe_silent() == providers
+    wait_for(lambda: len(server.subscriptions) > before, what="a new subscription")
+    assert subscriptions.next_check() == clock.now + 10
+    subscriptions.close()
