@@ -247,9 +247,13 @@ def test_final_uri_drops_scheme_and_host_only_when_local(url: str, uri: str) -> 
 
 
 def test_local_directory_of_an_ftp_destination_is_under_ftp_root() -> None:
-    dest = Destination.parse("ftp://remote.invalid/pub/MSG4/")
-    assert dest.local_directory() is None
-    assert dest.local_directory("/srv/ftp") == "/srv/ftp/pub/MSG4/"
+    assert Destination.parse("ftp://remote.invalid/pub/MSG4/").local_directory() is None
+    remote = Destination.parse("ftp://remote.invalid/pub/MSG4/", ftp_root="/srv/ftp")
+    assert remote.local_directory() == "/srv/ftp/pub/MSG4/"
+    assert remote.file_uri("a.h5") == "ftp://remote.invalid/pub/MSG4/a.h5"
+    local = Destination.parse("ftp://127.0.0.1/pub/MSG4/", ftp_root="/srv/ftp")
+    assert local.file_uri("a.h5") == "/srv/ftp/pub/MSG4/a.h5"  # a path this machine can read
+    assert Destination.parse("ftp://127.0.0.1/pub/").file_uri("a.h5") == "/pub/a.h5"  # as 0.19
     assert Destination.parse("s3://bucket/x/").local_directory() is None
 
 

@@ -349,3 +349,27 @@ def test_reload_restarts_only_the_changed_section_and_sigterm_stops_cleanly(
     client.proc.send_signal(signal.SIGTERM)
     assert client.proc.wait(10) == 0
     assert "Stopped 2 section(s)" in client.log_text()
+
+
+def test_ftp_destination_with_ftp_root_login_and_unpacking(
+        setup: Deployment, tmp_path: Path, ftp_server: Any) -> None:
+    (src,) = dirs(tmp_path, "src")
+    server_port, _ = setup.server({"bz": {"origin": f"{src}/{{name}}.bz2", "topic": "/bz"}})
+    (client_port,) = ports(1)
+    sub = f"client-{tmp_path.name}"
+    login = f"{ftp_server.user}:{ftp_server.password}"
+    setup.client({"bz": {"providers": f"127.0.0.1:{server_port}", "topic": "/bz",
+                         "destination": f"ftp://127.0.0.1:{ftp_server.port}/{sub}/",
+                         "login": login, "ftp_root": str(ftp_server.root),
+                         "publish_port": client_port, "compression": "bzip", "delete": "true"}})
+    setup.run()
+    listener = setup.listen(client_port)
+    drop(src, "npp.h5.bz2", bz2.compress(b"payload"))
+    final = listener.collect(lambda ms: listener.of_type("file"))[-1].data
+    local = Path(ftp_server.root) / sub
+    assert (local / "npp.h5").read_bytes() == b"payload"
+    assert not (local / "npp.h5.bz2").exists()
+    assert final["uid"] == "npp.h5"
+    assert final["uri"] == str(local / "npp.h5")  # 127.0.0.1 is this machine
+    push = listener.of_type("push")[0].encode()
+    assert ftp_server.password not in push and ftp_server.password not in final["uri"]

@@ -361,8 +361,9 @@ class ClientSection:
 
     def _push(self, key: FileKey, announcement: Message) -> None:
         s = self.settings
-        destination = Destination.parse(compose_destination(s.destination, announcement.data))
-        local_dir = destination.local_directory(s.ftp_root)
+        destination = Destination.parse(compose_destination(s.destination, announcement.data),
+                                        s.ftp_root)
+        local_dir = destination.local_directory()
         if s.create_target_directory and local_dir:
             self._ensure_directory(local_dir)
         request, public = push_request(announcement, destination, s.login, list(s.backup_targets))

@@ -87,13 +87,15 @@ class Destination:
     path: str
     user: str | None = None
     password: str | None = None
+    ftp_root: str | None = None  #: local directory an FTP destination is served from
 
     @classmethod
-    def parse(cls, url: str) -> Destination:
-        """Parse a destination URL or a plain local path."""
+    def parse(cls, url: str, ftp_root: str | None = None) -> Destination:
+        """Parse a destination URL or a plain local path (``ftp_root``: see
+        :meth:`local_directory`)."""
         if "://" not in url:
             return cls("file", "", None, os.path.abspath(os.path.expanduser(url))
-                       + ("/" if url.endswith("/") else ""))
+                       + ("/" if url.endswith("/") else ""), ftp_root=ftp_root)
         parts = urlsplit(url)
         try:
             port = parts.port
@@ -103,7 +105,8 @@ class Destination:
         user = unquote(parts.username) if parts.username is not None else None
         password = unquote(parts.password) if parts.password is not None else None
         scheme = parts.scheme.lower() or "file"
-        return cls(scheme, parts.hostname or "", port, unquote(parts.path), user, password)
+        return cls(scheme, parts.hostname or "", port, unquote(parts.path), user, password,
+                   ftp_root)
 
     @property
     def is_local(self) -> bool:
@@ -134,10 +137,11 @@ class Destination:
         return self._url(None)
 
     def file_uri(self, uid: str, login: str | None = None) -> str:
-        """Where the file ``uid`` ends up: a plain path when local, else a URL with the user."""
+        """Where the file ``uid`` ends up: a plain path when it is on this machine (under
+        ``ftp_root`` for FTP), else a URL with the user."""
         path = posixpath.join(self.path, uid)
         if self.is_local:
-            return path
+            return posixpath.join(self.local_directory() or self.path, uid)
         user = login.partition(":")[0] if login else self.user
         if self.scheme in OBJECT_STORES:
             user = None
@@ -146,8 +150,10 @@ class Destination:
     def local_directory(self, ftp_root: str | None = None) -> str | None:
         """The directory on this machine the files land in, or None when they leave it.
 
-        With ``ftp_root`` an FTP destination is taken to be served from that local directory.
+        With ``ftp_root`` (given here or to :meth:`parse`) an FTP destination is taken to be
+        served from that local directory.
         """
+        ftp_root = ftp_root or self.ftp_root
         if self.scheme == "ftp" and ftp_root:
             return os.path.join(ftp_root, self.path.lstrip("/"))
         if self.is_local:
