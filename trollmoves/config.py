@@ -13,13 +13,13 @@ import json
 import os
 from collections.abc import Mapping
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -39,11 +39,12 @@ class ConfigError(ValueError):
 
 @cache
 def load_schema(kind: str) -> dict[str, Any]:
-    """The JSON Schema of one kind of config section (server, client, mirror, ...)."""
-    path = SCHEMA_DIR / f"{kind}.schema.json"
-    if not path.exists():  # installed without the source tree: schemas ship as package data
-        path = Path(__file__).resolve().parent / "schemas" / f"{kind}.schema.json"
-    return json.loads(path.read_text())
+    """The JSON Schema of one kind of config section (server, client, mirror, ...).
+
+    The schemas are the repository's ``schemas/`` folder, installed as ``trollmoves.schemas``.
+    """
+    resource = resources.files("trollmoves.schemas").joinpath(f"{kind}.schema.json")
+    return json.loads(resource.read_text())
 
 
 def parse_bool(text: str) -> bool:

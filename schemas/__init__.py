@@ -1,0 +1,1 @@
+"""JSON Schemas of the configuration files, installed as the ``trollmoves.schemas`` package."""
