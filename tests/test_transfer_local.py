@@ -165,3 +165,20 @@ def test_interrupt_cuts_pauses_under_way_but_not_later_transfers() -> None:
     assert results == [True]
     # a transfer started afterwards waits out its pauses
     assert _INTERRUPTS.pause(0.01, _INTERRUPTS.current()) is False
+
+
+def test_pool_closes_idle_connections_and_restarts_its_janitor() -> None:
+    from trollmoves.filesystems import FilesystemPool, endpoint
+    from trollmoves.urls import parse
+
+    pool = FilesystemPool()
+    ep = endpoint(parse("memory://pool-test/x"), {})
+    for _ in range(2):  # the expiry thread ends when the pool empties, and starts again
+        with pool.use(ep, uptime=0.05):
+            pass
+        assert len(pool) == 1
+        tick = threading.Event()
+        for _ in range(250):  # at most 5 s
+            if not len(pool) or tick.wait(0.02):
+                break
+        assert len(pool) == 0

@@ -314,8 +314,7 @@ class FilesystemPool:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._janitor: threading.Thread | None = None
-        self._closed = False
+        self._janitor_running = False
 
     @contextmanager
     def use(self, ep: Endpoint, uptime: float = DEFAULT_CONNECTION_UPTIME) -> Iterator[Any]:
@@ -349,13 +348,14 @@ class FilesystemPool:
         fs = ep.build()  # connect outside the lock: other endpoints stay usable meanwhile
         with self._lock:
             entry = self._entries.get(ep.key)
+            raced = entry is not None  # another thread connected meanwhile: use its connection
             if entry is None:
                 entry = self._entries[ep.key] = _Entry(fs, ep.protocol, uptime=uptime)
                 self._start_janitor()
-            else:
-                close_filesystem(fs)
             entry.users += 1
-            return entry
+        if raced:
+            close_filesystem(fs)
+        return entry
 
     def discard(self, ep: Endpoint) -> None:
         """Forget the connection for ``ep``, e.g. after it broke; the next use connects anew.
@@ -372,12 +372,17 @@ class FilesystemPool:
             close_filesystem(entry.fs)
 
     def close_all(self) -> None:
-        """Close every pooled connection now."""
+        """Close every pooled connection: idle ones now, busy ones when their transfer ends."""
         with self._lock:
             entries = list(self._entries.values())
             self._entries.clear()
+            idle = []
+            for entry in entries:
+                entry.discarded = True
+                if entry.users == 0:
+                    idle.append(entry)
             self._wake.notify()
-        for entry in entries:
+        for entry in idle:
             close_filesystem(entry.fs)
 
     def __len__(self) -> int:
@@ -385,24 +390,31 @@ class FilesystemPool:
             return len(self._entries)
 
     def _start_janitor(self) -> None:
-        if self._janitor is None or not self._janitor.is_alive():
-            self._janitor = threading.Thread(target=self._expire_loop, name="trollmoves-pool",
-                                             daemon=True)
-            self._janitor.start()
+        """Start the expiry thread unless it runs (called with the lock held)."""
+        if not self._janitor_running:
+            self._janitor_running = True
+            threading.Thread(target=self._expire_loop, name="trollmoves-pool",
+                             daemon=True).start()
 
     def _expire_loop(self) -> None:
-        with self._lock:
-            while self._entries:
+        """Close connections idle past their uptime; never close while holding the lock."""
+        while True:
+            with self._lock:
+                if not self._entries:
+                    self._janitor_running = False
+                    return
                 now = time.monotonic()
                 expired = [key for key, e in self._entries.items()
                            if e.users == 0 and now - e.last_used >= e.uptime]
-                for key in expired:
-                    entry = self._entries.pop(key)
-                    LOG.debug("Closing idle %s connection", entry.protocol)
-                    close_filesystem(entry.fs)
-                deadlines = [e.last_used + e.uptime - now for e in self._entries.values()
-                             if e.users == 0]
-                self._wake.wait(timeout=min(deadlines) if deadlines else None)
+                entries = [self._entries.pop(key) for key in expired]
+                if not entries:
+                    deadlines = [e.last_used + e.uptime - now for e in self._entries.values()
+                                 if e.users == 0]
+                    self._wake.wait(timeout=min(deadlines) if deadlines else None)
+                    continue
+            for entry in entries:
+                LOG.debug("Closing idle %s connection", entry.protocol)
+                close_filesystem(entry.fs)
 
 
 #: The process-wide connection pool used by :func:`trollmoves.copy`.
