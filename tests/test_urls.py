@@ -70,3 +70,9 @@ def test_chained_url_names_the_member() -> None:
     loc = parse("tar://data/a.h5::ssh://vm/src/j01_202611211000.tar")
     assert loc.name == "a.h5"
     assert loc.protocol == "tar"
+
+
+def test_key_value_secrets_are_redacted_in_free_text() -> None:
+    assert redact_text("connect(password='hunter2', port=22)") == "connect(password='***', port=22)"
+    assert redact_text("{'client_secret': 'abc', 'x': 1}") == "{'client_secret': '***', 'x': 1}"
+    assert redact_text("passphrase: xyz") == "passphrase: ***"

@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from trollmoves.urls import Location, parse
+from trollmoves.urls import Location, is_secret_key, parse
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ _SSH_ALIASES = {
 }
 _SSH_EXTRA = frozenset({"max_sessions", "sftp_client_kwargs", "pool_type", "timeout"})
 _PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
-_SECRET_WORDS = ("password", "secret", "passphrase", "token")
 _LOCAL = LocalFileSystem()
 
 
@@ -259,7 +258,7 @@ def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
     kwargs = _filter_options(cls, kwargs, f"the {protocol} file system")
     if protocol in {"ssh", "ftp"} and chain is None:
         kwargs["_host"] = loc.host
-    secrets = tuple(str(v) for k, v in _walk(kwargs) if _is_secret_key(k) and v)
+    secrets = tuple(str(v) for k, v in _walk(kwargs) if is_secret_key(k) and v)
     digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=repr).encode()).hexdigest()
     return Endpoint(protocol, cls, kwargs, f"{protocol}:{digest}", secrets)
 
@@ -270,11 +269,6 @@ def _walk(mapping: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
             yield from _walk(value)
         else:
             yield key, value
-
-
-def _is_secret_key(key: str) -> bool:
-    key = key.lower()
-    return key == "key" or any(word in key for word in _SECRET_WORDS)
 
 
 @dataclass

@@ -9,8 +9,9 @@ import logging.handlers
 
 import yaml
 
-from trollmoves.urls import redact_url
+from trollmoves.urls import redact_text
 
+_TRACEBACKS = logging.Formatter()
 LOG_FORMAT = "[%(asctime)s %(levelname)-8s %(name)s] %(message)s"
 
 
@@ -18,14 +19,18 @@ class RedactingFilter(logging.Filter):
     """Replace URL passwords in every record, whatever the code that logged it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Render the record's message once, redacted."""
+        """Render the record's message and traceback once, redacted."""
         try:
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
-        redacted = redact_url(message)
+        redacted = redact_text(message)
         if redacted != message or record.args:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_text(_TRACEBACKS.formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
         return True
 
 

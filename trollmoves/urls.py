@@ -16,6 +16,11 @@ SSH_SCHEMES = frozenset({"ssh", "sftp", "scp"})
 LOCAL_SCHEMES = frozenset({"", "file", "local"})
 
 REDACTED = "***"
+#: Option names containing one of these words hold secrets (and so does ``key``, s3fs's).
+SECRET_WORDS = ("password", "passwd", "passphrase", "secret", "token", "credential")
+_KEY_VALUE = re.compile(
+    r"(?P<key>[\w-]*(?:" + "|".join(SECRET_WORDS) + r")[\w-]*['\"]?\s*[:=]\s*)"
+    r"(?P<quote>['\"]?)(?P<value>[^'\"\s,;)}\]]+)", re.IGNORECASE)
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
 
 
@@ -149,9 +154,16 @@ def strip_credentials(url: str) -> str:
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}@", str(url))
 
 
+def is_secret_key(name: str) -> bool:
+    """Whether an option of this name holds a secret."""
+    lowered = name.lower()
+    return lowered == "key" or any(word in lowered for word in SECRET_WORDS)
+
+
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove URL passwords and every given secret string from a free text."""
+    """Remove URL passwords, ``password=...``-like values and every given secret string."""
     text = redact_url(text)
+    text = _KEY_VALUE.sub(lambda m: f"{m['key']}{m['quote']}{REDACTED}", text)
     for secret in secrets:
         if secret and len(secret) >= 3:
             text = text.replace(secret, REDACTED)
