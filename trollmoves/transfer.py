@@ -104,11 +104,8 @@ def _with_options(target: Any, options: Mapping[str, Any]) -> tuple[Location, di
     return parse(target), opts
 
 
-def _name_of(path: str) -> str:
-    return posixpath.basename(path.rstrip("/"))
-
-
-def _temporary_name(path: str) -> str:
+def temporary_name(path: str) -> str:
+    """The hidden name a file is written under beside ``path`` before it is renamed."""
     head, tail = posixpath.split(path)
     return posixpath.join(head, f".{tail}.{uuid.uuid4().hex[:12]}.part")
 
@@ -195,7 +192,7 @@ class _Attempt:
         self._make_local_parent(dpath)
         if self.delete_source and not self.checksum and _try(os.rename, spath, dpath):
             return size, None
-        tmp = _temporary_name(dpath)
+        tmp = temporary_name(dpath)
         try:
             if not (self.hardlink and _try(os.link, spath, tmp)):
                 _kernel_copy(spath, tmp, self.callback)
@@ -222,7 +219,7 @@ class _Attempt:
         if self.dst.loc.is_local:
             self._make_local_parent(dpath)
         atomic = self.dst.protocol in ATOMIC_PROTOCOLS
-        target = dpath if atomic else _temporary_name(dpath)
+        target = dpath if atomic else temporary_name(dpath)
         quick = None
         if self.src.loc.is_local and not self.checksum and not atomic:
             quick = protocols.quick_delivery(self.dst.protocol, size, dfs)

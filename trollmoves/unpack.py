@@ -31,11 +31,12 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from trollmoves.transfer import temporary_name
 
 LOG = logging.getLogger(__name__)
 
@@ -128,8 +129,7 @@ def _strip_suffix(name: str, suffixes: tuple[str, ...]) -> str:
 @contextlib.contextmanager
 def _temporary_file(final: str) -> Iterator[str]:
     """A temporary name beside ``final``, renamed to it when the block succeeds."""
-    head, tail = os.path.split(final)
-    tmp = os.path.join(head, f".{tail}.{uuid.uuid4().hex[:12]}.part")
+    tmp = temporary_name(final)
     try:
         yield tmp
         os.replace(tmp, final)
