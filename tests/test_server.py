@@ -21,14 +21,9 @@ from tests.servers import free_port
 from tests.test_unpack import make_tar
 from trollmoves import announce, check
 from trollmoves.config import ConfigError
-from trollmoves.server import (
-    DelayedRemover,
-    RequestServer,
-    Section,
-    ServerContext,
-    destination_for,
-    validate_sections,
-)
+from trollmoves.removal import DelayedRemover
+from trollmoves.request_server import RequestServer
+from trollmoves.server import Section, ServerContext, destination_for, validate_sections
 
 DEADLINE = 10.0
 ORIGIN = "H-000-{platform_name}-{nominal_time:%Y%m%d%H%M}-__"

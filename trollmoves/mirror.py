@@ -23,7 +23,7 @@ section::
 
 The sections run under :class:`trollmoves.service.ServiceRunner` (config edits and SIGHUP reload
 changed sections, SIGTERM stops cleanly); requests are answered by the server's
-:class:`~trollmoves.server.RequestServer`.
+:class:`~trollmoves.request_server.RequestServer`.
 """
 
 from __future__ import annotations

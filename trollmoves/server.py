@@ -8,17 +8,18 @@ by every section of the INI file. Each section is a :class:`Section` worker:
 - ``origin`` sections watch a trollsift pattern (:mod:`trollmoves.watch`); ``listen`` sections
   relay posttroll messages about local files. Files go through a queue to one announcer thread
   which optionally unpacks them (``compression``) and publishes the announcement.
-- With ``request_port``, a :class:`RequestServer` answers ``push`` (copy through the engine to the
-  requested destination), ``ack``, ``ping``, ``info``; anything else gets ``unknown`` and
-  malformed input gets ``err`` (or, past a hard size limit, is dropped by ZeroMQ). A push is
-  served only for a file this section announced, or one matching its full ``origin`` once
-  ``..`` and links are resolved.
+- With ``request_port``, a :class:`~trollmoves.request_server.RequestServer` answers ``push``
+  (copy through the engine to the requested destination), ``ack``, ``ping``, ``info``; anything
+  else gets ``unknown`` and malformed input gets ``err`` (or, past a hard size limit, is dropped
+  by ZeroMQ). A push is served only for a file this section announced, or one matching its full
+  ``origin`` once ``..`` and links are resolved.
 - Without ``request_port`` (stand-alone) no request socket is opened: announcements carry the
   fsspec filesystem (``filesystem__*`` keys; default SSH to this host) that consumers read the
   file through, and with ``unpack = tar``/``zip`` an archive is announced as a ``dataset`` of its
   members, each reachable through a chained filesystem (``tar://member::ssh://host/archive``).
-- Files are removed ``remove_delay`` seconds after a push or ack when ``delete`` is set (and
-  unpacked copies always); unpacked copies nobody asks for go after ``unpacked_retention``.
+- Files are removed (:mod:`trollmoves.removal`) ``remove_delay`` seconds after a push or ack
+  when ``delete`` is set (and unpacked copies always); unpacked copies nobody asks for go after
+  ``unpacked_retention``.
 
 The sections run under :class:`trollmoves.service.ServiceRunner`: config edits and SIGHUP
 reload only the changed sections, SIGTERM finishes the transfers in flight and stops.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import heapq
 import logging
 import os
 import posixpath
@@ -39,13 +39,10 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import zmq
-from posttroll.backends.zmq import get_context
-from posttroll.backends.zmq.socket import close_socket, set_up_server_socket
 from posttroll.message import Message
 from posttroll.publisher import Publisher
 from posttroll.subscriber import create_subscriber_from_dict_config
@@ -55,6 +52,8 @@ from trollmoves.config import ConfigError
 from trollmoves.errors import TransferError
 from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import iter_files, local_path
+from trollmoves.removal import DelayedRemover, remove_file
+from trollmoves.request_server import RequestServer
 from trollmoves.service import ServiceRunner
 from trollmoves.transfer import interrupt_retries, transfer
 from trollmoves.urls import LOCAL_SCHEMES
@@ -67,14 +66,6 @@ DEFAULT_PORT = 9010
 HEARTBEAT_INTERVAL = 30.0
 #: Seconds subscribers get to (re)connect to a freshly started publisher before the backlog.
 PUBLISHER_GRACE = 1.0
-#: Largest request answered; bigger ones get an ``err`` reply.
-MAX_REQUEST_BYTES = 1024 * 1024
-#: Largest message ZeroMQ accepts at all; the connection of a peer sending more is dropped.
-HARD_REQUEST_LIMIT = 16 * 1024 * 1024
-#: Milliseconds the last replies get to leave when a request socket closes.
-REPLY_LINGER_MS = 1000
-#: Pushes served at once per section.
-TRANSFER_WORKERS = 8
 DEFAULT_REMOVE_DELAY = 30.0
 #: Seconds an unpacked copy nobody requested is kept (``unpacked_retention``).
 DEFAULT_UNPACKED_RETENTION = 600.0
@@ -169,231 +160,6 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         """Stop beating."""
         self._stop_event.set()
-
-
-class DelayedRemover:
-    """Remove files at given times, from one thread blocking on a condition (no polling).
-
-    Scheduling a file that is already scheduled keeps the earlier of the two times.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._due: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"remove-{name}", daemon=True)
-
-    def start(self) -> None:
-        """Start the removal thread."""
-        self._thread.start()
-
-    def schedule(self, path: str, delay: float) -> None:
-        """Remove ``path`` in ``delay`` seconds (or earlier, if already due earlier)."""
-        when = time.monotonic() + delay
-        with self._cond:
-            if path in self._due and self._due[path] <= when:
-                return
-            self._due[path] = when
-            heapq.heappush(self._heap, (when, path))
-            self._cond.notify()
-        LOG.debug("%s: removing %s in %.1f s", self.name, path, delay)
-
-    def pending(self) -> int:
-        """How many files wait for removal."""
-        with self._cond:
-            return len(self._due)
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                when, path = self._heap[0]
-                wait = when - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                if self._due.get(path) != when:
-                    continue  # rescheduled earlier: this entry is stale
-                del self._due[path]
-                self._cond.release()
-                try:
-                    _remove(path, self.name)
-                finally:
-                    self._cond.acquire()
-
-    def stop(self) -> None:
-        """Stop; files not yet due stay where they are."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-            left = len(self._due)
-        if left:
-            LOG.info("%s: %d file(s) left that were due for removal later", self.name, left)
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the removal thread to end."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-
-def _remove(path: str, name: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        LOG.debug("%s: %s was already removed", name, path)
-    except OSError as err:
-        LOG.warning("%s: cannot remove %s: %s", name, path, err)
-    else:
-        LOG.debug("%s: removed %s", name, path)
-
-
-# -- the request socket ----------------------------------------------------------------------
-
-class RequestServer:
-    """A ROUTER socket answering posttroll requests; slow ones run on a thread pool.
-
-    ``handle(message)`` returns the reply; for messages where ``is_slow(message)`` it runs on one
-    of ``workers`` threads, others are answered at once. One thread owns the ROUTER socket; the
-    pool hands replies back to it over an inproc socket. Malformed input (wrong frames, not a
-    posttroll message, larger than ``max_bytes``) gets an ``err`` reply and a log line.
-    :meth:`stop` stops reading requests; :meth:`join` waits for the replies in flight.
-    """
-
-    def __init__(self, name: str, port: int, handle: Callable[[Message], Message],
-                 is_slow: Callable[[Message], bool], *, workers: int = TRANSFER_WORKERS,
-                 max_bytes: int = MAX_REQUEST_BYTES) -> None:
-        self.name = name
-        self.port = port
-        self.handle = handle
-        self.is_slow = is_slow
-        self.max_bytes = max_bytes
-        self._inproc = f"inproc://trollmoves-replies-{id(self)}"
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"push-{name}")
-        self._local = threading.local()
-        self._reply_sockets: list[zmq.Socket[bytes]] = []
-        self._reply_lock = threading.Lock()
-        self._router: zmq.Socket[bytes] | None = None
-        self._replies: zmq.Socket[bytes] | None = None
-        self._thread = threading.Thread(target=self._serve, name=f"requests-{name}", daemon=True)
-
-    def start(self) -> None:
-        """Bind the sockets (errors such as a port in use raise here) and start serving."""
-        options = {zmq.MAXMSGSIZE: HARD_REQUEST_LIMIT}
-        self._router, _, _ = set_up_server_socket(zmq.ROUTER, f"tcp://*:{self.port}", options)
-        self._replies = get_context().socket(zmq.PULL)
-        self._replies.bind(self._inproc)
-        self._thread.start()
-        LOG.info("%s: serving requests on port %d", self.name, self.port)
-
-    def stop(self) -> None:
-        """Stop reading requests (the thread finishes the ones in flight)."""
-        if self._thread.is_alive():
-            self._send_reply([b"STOP"])
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait until every reply in flight was sent and the sockets are closed."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # -- the socket thread ------------------------------------------------------------------
-    def _serve(self) -> None:
-        assert self._router is not None and self._replies is not None
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._replies, zmq.POLLIN)
-        in_flight = 0
-        draining = False
-        try:
-            while not (draining and in_flight == 0):
-                for sock, _ in poller.poll():
-                    if sock is self._replies:
-                        frames = self._replies.recv_multipart()
-                        if frames == [b"STOP"]:
-                            draining = True
-                            poller.unregister(self._router)
-                        else:
-                            in_flight -= 1
-                            self._router.send_multipart(frames)
-                    elif not draining:
-                        in_flight += self._receive()
-        except Exception:
-            LOG.exception("%s: the request loop failed", self.name)
-        finally:
-            self._pool.shutdown(wait=True)
-            for sock in [*self._reply_sockets, self._replies]:
-                close_socket(sock)
-            self._router.close(linger=REPLY_LINGER_MS)  # let the last replies leave
-
-    def _receive(self) -> int:
-        """Read one request; answer it or hand it to the pool. Returns 1 when handed over."""
-        assert self._router is not None
-        frames = self._router.recv_multipart(copy=False)
-        identity = frames[0].bytes
-        peer = _peer(frames[-1])
-        if len(frames) != 3 or frames[1].bytes != b"":
-            LOG.warning("%s: refused a request from %s: %d frame(s) instead of an envelope and "
-                        "one message", self.name, peer, len(frames) - 1)
-            self._reply_now(identity, announce.error_reply(
-                "", "invalid request: expected exactly one message frame"))
-            return 0
-        payload = frames[2].bytes
-        if len(payload) > self.max_bytes:
-            LOG.warning("%s: refused a request from %s: %d bytes, more than %d", self.name, peer,
-                        len(payload), self.max_bytes)
-            self._reply_now(identity, announce.error_reply(
-                "", f"request too large ({len(payload)} bytes, at most {self.max_bytes})"))
-            return 0
-        try:
-            message = Message(rawstr=payload.decode("utf-8"))
-        except Exception as err:  # noqa: BLE001 - posttroll raises many kinds on garbage
-            LOG.warning("%s: refused a request from %s: not a posttroll message (%s: %.80r)",
-                        self.name, peer, type(err).__name__, payload[:80])
-            self._reply_now(identity, announce.error_reply(
-                "", "invalid request: not a posttroll message"))
-            return 0
-        if self.is_slow(message):
-            self._pool.submit(self._answer_later, identity, message)
-            return 1
-        self._reply_now(identity, self._answer(message))
-        return 0
-
-    def _reply_now(self, identity: bytes, reply: Message) -> None:
-        assert self._router is not None
-        self._router.send_multipart([identity, b"", reply.encode().encode()])
-
-    # -- answering --------------------------------------------------------------------------
-    def _answer(self, message: Message) -> Message:
-        try:
-            return self.handle(message)
-        except Exception as err:  # a request must always get a reply
-            LOG.exception("%s: failed to handle a %s request", self.name, message.type)
-            return announce.error_reply(message.subject, f"server error: {type(err).__name__}")
-
-    def _answer_later(self, identity: bytes, message: Message) -> None:
-        reply = self._answer(message)
-        self._send_reply([identity, b"", reply.encode().encode()])
-
-    def _send_reply(self, frames: list[bytes]) -> None:
-        sock = getattr(self._local, "socket", None)
-        if sock is None:
-            sock = get_context().socket(zmq.PUSH)
-            sock.connect(self._inproc)
-            self._local.socket = sock
-            with self._reply_lock:
-                self._reply_sockets.append(sock)
-        sock.send_multipart(frames)
-
-
-def _peer(frame: zmq.Frame) -> str:
-    try:
-        return frame.get("Peer-Address")
-    except (zmq.ZMQError, AttributeError):
-        return "an unknown peer"
 
 
 # -- one section -------------------------------------------------------------------------------
@@ -552,7 +318,7 @@ class Section:
             return [path]
         if outputs != [path]:
             if self.delete:
-                _remove(path, self.name)
+                remove_file(path, self.name)
             for output in outputs:
                 self.remover.schedule(output, self.retention)
         return outputs
