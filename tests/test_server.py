@@ -24,6 +24,7 @@ from trollmoves.config import ConfigError
 from trollmoves.removal import DelayedRemover
 from trollmoves.request_server import RequestServer
 from trollmoves.server import Section, ServerContext, destination_for, validate_sections
+from trollmoves.service import ServiceRunner
 
 DEADLINE = 10.0
 ORIGIN = "H-000-{platform_name}-{nominal_time:%Y%m%d%H%M}-__"
@@ -446,6 +447,33 @@ def test_listen_section_relays_local_files(sections: list[Section], tmp_path: Pa
         section.join(DEADLINE)
         sections.remove(section)
         upstream.stop()
+
+
+def test_reloaded_section_always_rebinds_its_port(tmp_path: Path) -> None:
+    """ZeroMQ closes sockets in the background: each restart must wait until the port is free."""
+    port = free_port()
+    config = tmp_path / "server.ini"
+    (tmp_path / "src").mkdir()
+    context = ServerContext(RecordingPublisher(), grace=0)
+
+    def write(round_: int) -> None:
+        config.write_text(f"[hrit]\norigin = {tmp_path}/src/{{name}}\ntopic = /t\n"
+                          f"request_port = {port}\nstation = round{round_}\n")
+
+    write(0)
+    runner = ServiceRunner(config, "server", lambda name, section: Section(name, section, context),
+                           watch_config=False)
+    runner.start()
+    try:
+        for round_ in range(1, 51):
+            client = Requester(port)
+            assert client("ping").data == {"station": f"round{round_ - 1}"}
+            client.close()
+            write(round_)
+            result = runner.reload()
+            assert (result.changed, result.failed) == (["hrit"], []), f"round {round_}"
+    finally:
+        runner.stop()
 
 
 # -- trollmoves check --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from posttroll.backends.zmq.socket import close_socket, set_up_server_socket
 from posttroll.message import Message
 
 from trollmoves import announce
+from trollmoves.zmqutil import close_and_wait
 
 LOG = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ class RequestServer:
             self._pool.shutdown(wait=True)
             for sock in [*self._reply_sockets, self._replies]:
                 close_socket(sock)
-            self._router.close(linger=REPLY_LINGER_MS)  # let the last replies leave
+            # the last replies may leave; a restarted section can then bind the port at once
+            close_and_wait(self._router, linger=REPLY_LINGER_MS)
 
     def _receive(self) -> int:
         """Read one request; answer it or hand it to the pool. Returns 1 when handed over."""
