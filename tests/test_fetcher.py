@@ -34,6 +34,7 @@ from tests.moveit import (
     write_ini,
 )
 from tests.servers import HOST, SSHServer
+from tests.test_receiver import bad_messages
 from tests.test_standalone import (
     MEMBERS,
     PLAIN,
@@ -43,8 +44,9 @@ from tests.test_standalone import (
     trollflow2_read,
 )
 from tests.test_unpack import make_tar
-from trollmoves import announce, fetcher
+from trollmoves import announce, fetcher, messages
 from trollmoves.config import read_ini
+from trollmoves.subscription import MAX_MESSAGE_BYTES
 
 DEADLINE = 20.0
 PATTERN = "{platform_name}_{start_time:%Y%m%d%H%M}"
@@ -52,7 +54,8 @@ FIELDS = {"platform_name": "npp", "sensor": "viirs"}
 START = dt.datetime(2026, 11, 21, 10)
 
 
-def start_fetcher(directory: Path, destination: Path, source_port: int, topic: str
+def start_fetcher(directory: Path, destination: Path, source_port: int, topic: str,
+                  connection_parameters: dict[str, Any] | None = None
                   ) -> tuple[MoveItProcess, Listener]:
     """Start pytroll-fetcher listening to ``source_port``; return it and a listener connected
     to its publisher."""
@@ -62,7 +65,8 @@ def start_fetcher(directory: Path, destination: Path, source_port: int, topic: s
         "destination": f"{destination}/{{platform_name}}",
         "subscriber_config": {"addresses": [f"tcp://{HOST}:{source_port}"], "topics": [topic],
                               "nameserver": False},
-        "publisher_config": {"name": "fetcher", "port": publish_port, "nameservers": False}}))
+        "publisher_config": {"name": "fetcher", "port": publish_port, "nameservers": False},
+        **({"connection_parameters": connection_parameters} if connection_parameters else {})}))
     proc = MoveItProcess("fetcher", directory, [*script("pytroll-fetcher"), "-v", str(config)])
     proc.start(r"pytroll-fetcher ready")
     listener = Listener([publish_port])
@@ -84,13 +88,17 @@ class Announcer:
     def __init__(self) -> None:
         self.sock = zmq.Context.instance().socket(zmq.XPUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every (re)subscription is reported
         self.port = self.sock.bind_to_random_port(f"tcp://{HOST}")
 
     def wait_subscribed(self, timeout: float = DEADLINE) -> None:
-        """Wait for a subscriber's subscription."""
-        if not self.sock.poll(int(timeout * 1000)):
-            raise AssertionError("nobody subscribed")
-        self.sock.recv()
+        """Wait for a subscriber's subscription (unsubscriptions, from a connection that was
+        lost, are skipped)."""
+        while True:
+            if not self.sock.poll(int(timeout * 1000)):
+                raise AssertionError("nobody subscribed")
+            if self.sock.recv().startswith(b"\x01"):
+                return
 
     def send(self, subject: str, kind: str, data: dict[str, Any]) -> None:
         """Publish one message."""
@@ -114,7 +122,10 @@ def test_the_fetcher_downloads_every_announced_file_and_keeps_going(
         **sshd_filesystem(sshd_server)}}), "server")["sa"]
 
     announcer = Announcer()
-    proc, listener = start_fetcher(tmp_path, tmp_path / "dst", announcer.port, "/sa")
+    # the messages name the key file too (client_keys): only the configured one is used
+    keys = {"hosts": {f"{sshd_server.host}:{sshd_server.port}": {
+        "ssh_key_filename": sshd_server.key_filename}}}
+    proc, listener = start_fetcher(tmp_path, tmp_path / "dst", announcer.port, "/sa", keys)
     try:
         announcer.wait_subscribed()
         for name in ("npp_202611211000.h5", "gone_202611211000.h5"):
@@ -150,6 +161,46 @@ def test_the_fetcher_downloads_every_announced_file_and_keeps_going(
     assert files[2].data["uri"] == str(dst / "j01" / "sub" / "b.h5")
 
 
+def test_bad_messages_do_not_stop_the_fetcher(tmp_path: Path) -> None:
+    """Random bytes, a text that is no posttroll message, JSON nested too deep, a field leading
+    out of the destination and a message over the size bound are each logged; the next good
+    message is fetched."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.nc").write_bytes(b"good")
+    (src / "escaping.nc").write_bytes(b"bad")
+    announcer = Announcer()
+    proc, listener = start_fetcher(tmp_path, tmp_path / "dst" / "in", announcer.port, "/sa")
+    try:
+        announcer.wait_subscribed()
+        bad = bad_messages("/sa/x")
+        for kind in ("random bytes", "not posttroll", "deeply nested"):
+            announcer.sock.send(bad[kind])
+        announcer.send("/sa/x", "file", {"uri": str(src / "escaping.nc"), "uid": "escaping.nc",
+                                         "platform_name": "../.."})
+        announcer.send("/sa/x", "file", {"uri": "file://[x/a.nc", "uid": "a.nc",
+                                         "platform_name": "npp"})
+        announcer.sock.send(bad["oversize"])
+        announcer.wait_subscribed()  # the oversize message cost the connection; it is back
+        announcer.send("/sa/x", "file", {"uri": str(src / "good.nc"), "uid": "good.nc",
+                                         "platform_name": "npp"})
+        [good] = [m for m in fetched(listener, 1) if m.type == "file"]
+        for reason in ("UnicodeDecodeError", "ValueError", "RecursionError"):
+            proc.wait_log(rf"WARNING .*not a posttroll message \({reason}")
+        proc.wait_log(r"ERROR .*Could not fetch .*escaping\.nc: field platform_name='\.\./\.\.'")
+        proc.wait_log(r"ERROR .*Could not fetch file://\[x/a\.nc")
+        proc.wait_log(rf"WARNING .*Lost the connection to tcp://{HOST}:{announcer.port} .*over "
+                      rf"{MAX_MESSAGE_BYTES} bytes")
+        assert proc.proc.poll() is None
+    finally:
+        announcer.close()
+        listener.close()
+        proc.stop()
+    assert good.data["uri"] == str(tmp_path / "dst" / "in" / "npp" / "good.nc")
+    assert not (tmp_path / "escaping.nc").exists() and not (tmp_path / "dst" / "escaping.nc"
+                                                                 ).exists()
+
+
 def test_a_bad_config_is_refused_with_its_key(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "fetcher.yaml"
@@ -157,6 +208,66 @@ def test_a_bad_config_is_refused_with_its_key(tmp_path: Path,
                       "destinaton: typo\n")
     assert fetcher.main([str(config)]) == 2
     assert "'destinaton' was unexpected" in capsys.readouterr().err
+    config.write_text("destination: /tmp\npublisher_config: {}\nsubscriber_config: {}\n"
+                      "connection_parameters: {ssh_key_filename: /k/id}\n")
+    assert fetcher.main([str(config)]) == 2
+    assert "connection_parameters: say which hosts these options are for" in (
+        capsys.readouterr().err)
+
+
+# -- unit: where configured options go, paths from fields ------------------------------------
+
+HOSTS = fetcher.HostOptions({"data.example.com": {"ssh_key_filename": "/k/data"},
+                             "data.example.com:2222": {"ssh_key_filename": "/k/2222"},
+                             "minio.example.com:9000": {"key": "AK", "secret": "SK"}},
+                            {"connection_uptime": 60})
+
+
+@pytest.mark.parametrize(("filesystem", "uri", "expected"), [
+    ({"protocol": "ssh", "host": "data.example.com"}, "ssh://data.example.com/d/f.h5",
+     {"connection_uptime": 60, "ssh_key_filename": "/k/data"}),
+    ({"protocol": "ssh", "host": "DATA.example.com", "port": 2222}, "ssh://x/d/f.h5",
+     {"connection_uptime": 60, "ssh_key_filename": "/k/2222"}),
+    ({"protocol": "ssh", "host": "evil.example.com"}, "ssh://evil.example.com/d/f.h5", {}),
+    ({"protocol": "zip", "fo": "/d/a.zip", "target_protocol": "ssh",
+      "target_options": {"host": "data.example.com"}}, "zip://m.h5",
+     {"connection_uptime": 60, "ssh_key_filename": "/k/data"}),
+    ({"protocol": "s3", "client_kwargs": {"endpoint_url": "http://minio.example.com:9000"}},
+     "s3://bucket/k/f.h5", {"connection_uptime": 60, "key": "AK", "secret": "SK"}),
+    ({"protocol": "s3", "endpoint_url": "http://evil.example.com:9000"}, "s3://bucket/k/f.h5",
+     {}),
+    ({"protocol": "s3"}, "s3://minio.example.com/k/f.h5", {}),
+])
+def test_configured_options_go_only_to_the_hosts_they_name(
+        filesystem: dict[str, Any], uri: str, expected: dict[str, Any]) -> None:
+    source = messages.download_source({"filesystem": filesystem, "uri": uri, "uid": uri})
+    assert HOSTS.for_source(source) == expected
+
+
+def test_message_options_are_an_allowlist() -> None:
+    """Only where the file is comes from a message: no ssh config, key file, proxy command."""
+    source = messages.download_source({"uri": "ssh://h/d/f.h5", "filesystem": {
+        "protocol": "ssh", "host": "h", "port": 2222, "username": "u",
+        "config": ["/tmp/evil_ssh_config"], "client_keys": ["/root/.ssh/id_rsa"],
+        "proxy_command": "touch /tmp/owned", "known_hosts": None, "password": "pw"}})
+    assert (source.url, source.options) == ("ssh://h/d/f.h5", {"port": 2222, "username": "u"})
+    s3 = messages.download_source({"uri": "s3://b/k", "filesystem": {
+        "protocol": "s3", "anon": True, "key": "AK", "secret": "SK", "client_kwargs": {
+            "endpoint_url": "http://minio:9000", "region_name": "r", "verify": False}}})
+    assert s3.options == {"anon": True, "client_kwargs": {"endpoint_url": "http://minio:9000",
+                                                          "region_name": "r"}}
+
+
+def test_a_field_leading_out_of_the_destination_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "f.nc"
+    source.write_bytes(b"x")
+    published: list[Message] = []
+    worker = fetcher.Fetcher(str(tmp_path / "dst" / "{platform_name}"), published.append)
+    info = {"uri": str(source), "uid": "f.nc"}
+    with pytest.raises(messages.UnsafePathError, match=r"field platform_name='\.\./\.\./x'"):
+        worker.fetch({**info, "platform_name": "../../x"})
+    assert worker.fetch({**info, "platform_name": "npp"}) == str(tmp_path / "dst" / "npp" /
+                                                                 "f.nc")
 
 
 # -- trollmoves 0.19's stand-alone server as the peer ---------------------------------------

@@ -220,16 +220,18 @@ def test_a_trollflow2_consumer_reads_plain_files_and_archive_members_over_ssh(
         assert trollflow2_read({k: v for k, v in entries[1].items() if k != "path"}
                                ) == MEMBERS["sub/b.h5"]
 
-    # our one-call consumer API, with host keys verified against ~/.ssh/known_hosts
+    # our one-call consumer API, with host keys verified against ~/.ssh/known_hosts; the key
+    # file is the consumer's own (the one a message names is not used)
     everything = [m for m in received if m.type != "beat"]
-    opened = [f for m in everything for f in messages.open_files(m)]
+    key = {"client_keys": [plain.data["filesystem"]["client_keys"]]}
+    opened = [f for m in everything for f in messages.open_files(m, **key)]
     contents = []
     for handle in opened:
         with handle as f:
             contents.append(f.read())
     expected = [PLAIN, *MEMBERS.values(), *MEMBERS.values()]
     assert sorted(contents) == sorted(expected)
-    assert sorted(p.read_bytes() for m in everything for p in messages.paths(m)) == sorted(
-        expected)
+    assert sorted(p.read_bytes() for m in everything for p in messages.paths(m, **key)) == (
+        sorted(expected))
     assert sorted(os.listdir(src)) == ["j01_202611211000.tar", "n20_202611211000.zip",
                                        "npp_202611211000.h5"]
