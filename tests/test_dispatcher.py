@@ -1,4 +1,4 @@
-"""Unit tests of the dispatcher: conditions, aliases, name composition, config, queues."""
+"""Unit tests of the dispatcher: conditions, aliases, name composition, config, delivery."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ from trollmoves.dispatcher import (
     Dispatcher,
     Job,
     Rule,
-    SerialQueues,
     apply_aliases,
     build_config,
     compose_destination,
     plan,
     read_config,
 )
+from trollmoves.messages import UnsafePathError
+from trollmoves.receiver import SubscriberSettings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "dispatcher-config.yaml"
 
@@ -199,6 +200,33 @@ def test_compose_destination_missing_field() -> None:
         compose_destination(_rule(directory="/out/{orbit_number}"), META, "/src/a")
 
 
+@pytest.mark.parametrize(("directory", "filepattern", "field", "value"), [
+    ("/out/{platform_name}", None, "platform_name", "../.."),
+    ("/out/{platform_name}/x", "{uid}", "uid", "../../../etc/cron.d/x"),
+    ("/out/pre{platform_name}", None, "platform_name", "/../../x"),
+    ("{platform_name}/rel", None, "platform_name", ".."),
+])
+def test_compose_destination_refuses_fields_leading_out_of_the_directory(
+        directory: str, filepattern: str | None, field: str, value: str) -> None:
+    """A message field must not move the target out of the template's fixed directory."""
+    rule = _rule(directory=directory, filepattern=filepattern)
+    with pytest.raises(UnsafePathError, match=rf"field {field}="):
+        compose_destination(rule, {**META, "uid": "a.h5", field: value}, "/src/a.h5")
+
+
+def test_compose_destination_allows_fields_that_stay_inside() -> None:
+    """Sub-directories from fields, and ``..`` that stays under the base, are fine."""
+    rule = _rule(directory="/out/{platform_name}", filepattern="{uid}")
+    assert compose_destination(rule, {"platform_name": "n19", "uid": "sub/a.h5"}, "/s")[1] == (
+        "/out/n19/sub/a.h5")
+    assert compose_destination(rule, {"platform_name": "a/../b", "uid": "x"}, "/s")[1] == (
+        "/out/b/x")
+    assert compose_destination(_rule(directory="/out"), META, "/src/{odd} name")[1] == (
+        "/out/{odd} name")
+    absolute = _rule(directory="/out", filepattern="{uid}")  # joined as text, not as paths
+    assert compose_destination(absolute, {"uid": "/etc/passwd"}, "/s")[1] == "/out/etc/passwd"
+
+
 # -------------------------------------------------------------------------------- planning
 
 
@@ -262,6 +290,23 @@ def test_plan_missing_source_and_bad_pattern(source: Path, caplog: pytest.LogCap
     assert "target bad" in caplog.text and "orbit" in caplog.text
 
 
+def test_plan_refuses_an_escaping_field_with_an_error_naming_it(
+        source: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The file goes to the targets it stays inside of; the other is an ERROR naming the field."""
+    inside, outside = _rule(target="inside"), _rule(target="outside",
+                                                    directory="/out/{platform_name}")
+    jobs = plan([outside, inside], "/x", {"uri": str(source), "platform_name": "../../etc"})
+    assert [job.target for job in jobs] == ["inside"]
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "for target outside: UnsafePathError field platform_name='../../etc'" in (
+        record.getMessage())
+
+
+def test_plan_invalid_uri_is_not_local(source: Path) -> None:
+    """An invalid URI (an unclosed IPv6 host) is skipped, not an exception."""
+    assert plan([_rule()], "/x", {"uri": "file://[x/a.h5"}) == []
+
+
 def test_plan_same_destination_once(source: Path) -> None:
     """Two dispatch configs of one target resolving to the same URL make one job."""
     rules = [_rule(topics=("/x",)), _rule(topics=("/x/y",)), _rule(topics=("/x",), directory="/b")]
@@ -283,7 +328,7 @@ def test_example_config_reads() -> None:
     config = read_config(EXAMPLE)
     assert {rule.target for rule in config.rules} == {"ftp_target", "sftp_target", "s3_target",
                                                        "local_copy"}
-    assert config.subscription.nameserver is False
+    assert config.subscription.nameserver is None
 
 
 def test_overrides_and_subscriber_block(tmp_path: Path) -> None:
@@ -304,9 +349,9 @@ def test_overrides_and_subscriber_block(tmp_path: Path) -> None:
     assert (second.host, second.directory, second.filepattern) == ("sftp://other", "/e", "x_{uid}")
     assert second.topics == ("/b",) and second.conditions == ({"sensor": "viirs"},)
     assert second.connection_parameters == {"connection_uptime": 60}
-    assert config.subscription.settings() == {
-        "topics": ["/a", "/b"], "addresses": ["tcp://127.0.0.1:40000"],
-        "nameserver": "localhost", "services": ["svc"], "addr_listener": True}
+    assert config.subscription == SubscriberSettings(
+        topics=("/a", "/b"), addresses=("tcp://127.0.0.1:40000",), nameserver="localhost",
+        services=("svc",), addr_listener=True)
 
 
 @pytest.mark.parametrize(("document", "where"), [
@@ -356,60 +401,6 @@ def test_build_config_needs_a_target() -> None:
 
 
 # ------------------------------------------------------------------------ queues and delivery
-
-
-def test_serial_queues_one_at_a_time_per_key_in_order() -> None:
-    """Jobs of one key run in order and never overlap; other keys run meanwhile."""
-    queues = SerialQueues(workers=3)
-    release = threading.Event()
-    started_b, finished = threading.Event(), threading.Event()
-    order: list[str] = []
-    active: dict[str, int] = {"a": 0}
-    overlaps: list[int] = []
-    lock = threading.Lock()
-
-    def job_a(index: int) -> None:
-        with lock:
-            active["a"] += 1
-            overlaps.append(active["a"])
-        if index == 0:
-            assert release.wait(10)
-        with lock:
-            order.append(f"a{index}")
-            active["a"] -= 1
-        if index == 4:
-            finished.set()
-
-    for index in range(5):
-        queues.submit("a", lambda index=index: job_a(index))
-    queues.submit("b", started_b.set)
-    assert started_b.wait(10)  # b ran while a's first job was blocked
-    assert order == []
-    release.set()
-    assert finished.wait(10)
-    assert queues.shutdown() == 0
-    assert order == [f"a{index}" for index in range(5)]
-    assert max(overlaps) == 1
-
-
-def test_serial_queues_shutdown_drops_queued_jobs() -> None:
-    """On shutdown the running job finishes and queued ones are dropped and counted."""
-    queues = SerialQueues(workers=1)
-    running, release = threading.Event(), threading.Event()
-    done: list[int] = []
-
-    def first() -> None:
-        running.set()
-        assert release.wait(10)
-        done.append(0)
-
-    queues.submit("a", first)
-    for index in range(1, 4):
-        queues.submit("a", lambda index=index: done.append(index))
-    assert running.wait(10)
-    threading.Timer(0.05, release.set).start()
-    assert queues.shutdown() == 3
-    assert done == [0]
 
 
 class RecordingPublisher:
@@ -465,3 +456,56 @@ def test_failed_delivery_is_logged_redacted(tmp_path: Path, source: Path,
     assert "Could not dispatch" in caplog.text and "target remote" in caplog.text
     assert "ftp://user:***@127.0.0.1:1/out/a.tif" in caplog.text
     assert "hunter2-secret" not in caplog.text
+
+
+def test_stop_finishes_queued_deliveries_in_time_and_logs_each_one_not_done(
+        tmp_path: Path, source: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At a stop the queued deliveries get stop_timeout seconds; those that did not start are
+    logged one by one with file and target, the running one finishes."""
+    from posttroll.message import Message
+
+    config = _write(tmp_path, {"t": {"directory": str(tmp_path / "out"), "dispatch_configs": [
+        {"topics": ["/x"]}]}})
+    dispatcher = Dispatcher(config, workers=1, stop_timeout=0)
+    started, release = threading.Event(), threading.Event()
+    delivered: list[str] = []
+
+    def deliver(job: Job) -> bool:
+        started.set()
+        assert release.wait(10)
+        delivered.append(job.info["uid"])
+        return True
+
+    dispatcher.deliver = deliver  # type: ignore[method-assign]
+    files = []
+    for index in range(3):
+        path = source.with_name(f"f{index}.h5")
+        path.write_bytes(b"x")
+        files.append({"uri": str(path), "uid": path.name})
+    dispatcher.handle(Message("/x", "dataset", {"dataset": files}))
+    assert started.wait(10)
+    threading.Thread(target=release.set).start()
+    dispatcher.close()
+    assert delivered == ["f0.h5"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["Not dispatched, stopped before its turn: f1.h5 to target t",
+                      "Not dispatched, stopped before its turn: f2.h5 to target t"]
+    assert not dispatcher.queues.submit("t", "late", lambda: None)
+
+
+def test_stop_lets_queued_deliveries_finish(tmp_path: Path, source: Path) -> None:
+    """With time enough, every queued delivery is done before the stop completes."""
+    from posttroll.message import Message
+
+    out = tmp_path / "out"
+    config = _write(tmp_path, {"t": {"directory": str(out), "dispatch_configs": [
+        {"topics": ["/x"]}]}})
+    dispatcher = Dispatcher(config, workers=1)
+    files = []
+    for index in range(20):
+        path = source.with_name(f"f{index}.h5")
+        path.write_bytes(b"x")
+        files.append({"uri": str(path), "uid": path.name})
+    dispatcher.handle(Message("/x", "dataset", {"dataset": files}))
+    dispatcher.close()
+    assert sorted(p.name for p in out.iterdir()) == sorted(f["uid"] for f in files)

@@ -1,9 +1,10 @@
 """End to end: ``dispatcher.py`` as a subprocess, fed real posttroll messages, real targets.
 
-Every test binds a posttroll publisher on a free loopback port and points the dispatcher's
-``posttroll_subscriber`` at it. PUB/SUB drops what is sent before the subscription is in
-place, so ``Feeder.sync`` sends probe ``beat`` messages until the dispatcher logs that it
-ignored one: from then on it receives everything.
+Every test binds a publisher (a ZeroMQ XPUB socket sending posttroll messages, or any
+bytes) on a free loopback port and points the dispatcher's ``posttroll_subscriber`` at it.
+PUB/SUB drops what is sent before the subscription is in place, so ``Feeder.sync`` sends
+probe ``beat`` messages until the dispatcher logs that it ignored one: from then on it
+receives everything.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any
 import pytest
 import yaml
 from posttroll.message import Message
-from posttroll.publisher import Publisher
 from posttroll.subscriber import Subscriber
 
 from tests import servers
+from tests.test_receiver import Feed, bad_messages
+from trollmoves.subscription import MAX_MESSAGE_BYTES
 
 DISPATCHER = str(Path(sys.executable).with_name("dispatcher.py"))
 TROLLMOVES = str(Path(sys.executable).with_name("trollmoves"))
@@ -111,16 +113,8 @@ class DispatcherProcess:
         return code
 
 
-class Feeder:
-    """A posttroll publisher bound on a free loopback port, as a producer of files would be."""
-
-    def __init__(self) -> None:
-        self.address = f"tcp://127.0.0.1:{servers.free_port()}"
-        self.publisher = Publisher(self.address).start()
-
-    def send(self, data: dict[str, Any], type_: str = "file", subject: str = TOPIC) -> None:
-        """Publish one message."""
-        self.publisher.send(Message(subject, type_, data).encode())
+class Feeder(Feed):
+    """A publisher on a free loopback port, as a producer of files would be."""
 
     def sync(self, dispatcher: DispatcherProcess) -> None:
         """Wait until the dispatcher is subscribed and receives what is sent."""
@@ -135,9 +129,9 @@ class Feeder:
 @pytest.fixture
 def feeder() -> Iterator[Feeder]:
     """A publisher the dispatcher subscribes to."""
-    feeder = Feeder()
+    feeder = Feeder(TOPIC)
     yield feeder
-    feeder.publisher.stop()
+    feeder.close()
 
 
 @pytest.fixture
@@ -373,3 +367,35 @@ def test_bad_config_at_start(tmp_path: Path, command: list[str]) -> None:
     assert result.returncode == 1
     assert (f"{config}: [target1] dispatch_configs[0]: 'topics' is a required property"
             in result.stderr)
+
+
+def test_bad_messages_do_not_stop_the_dispatcher(start: Callable[..., DispatcherProcess],
+                                                 feeder: Feeder, tmp_path: Path) -> None:
+    """Random bytes, a text that is no posttroll message, JSON nested too deep, an invalid URI,
+    a field leading out of the target directory and a message over the size bound are each
+    logged; the next good message is dispatched."""
+    out = tmp_path / "out"
+    dispatcher = start({"local": local_target(out / "{platform_name}")})
+    bad = bad_messages(TOPIC)
+    for kind in ("random bytes", "not posttroll", "deeply nested"):
+        feeder.send_raw(bad[kind])
+    feeder.send(file_data(Path("/x/a.h5"), uri="file://[x/a.h5"))
+    escaping = make_source(tmp_path, "escaping.h5")
+    feeder.send(file_data(escaping, platform_name="../.."))
+    feeder.send_raw(bad["oversize"])
+    good = make_source(tmp_path, "good.h5")
+
+    def dispatched() -> bool:  # the oversize message costs its connection: resend until in
+        feeder.send(file_data(good))
+        return (out / "NOAA-19" / good.name).exists()
+
+    wait_until(dispatched, interval=0.2)
+    for reason in ("UnicodeDecodeError", "ValueError", "RecursionError"):
+        dispatcher.expect(rf"WARNING .*not a posttroll message \({reason}")
+    dispatcher.expect(r"WARNING .*Skipping file://\[x/a\.h5: the file is not on this host")
+    dispatcher.expect(r"ERROR .*Cannot compose the destination of .*escaping\.h5 for target "
+                      r"local: UnsafePathError field platform_name='\.\./\.\.'")
+    dispatcher.expect(rf"WARNING .*Lost the connection to {feeder.address} .*over "
+                      rf"{MAX_MESSAGE_BYTES} bytes")
+    assert not (tmp_path.parent / escaping.name).exists()
+    assert dispatcher.proc.poll() is None

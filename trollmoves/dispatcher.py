@@ -6,13 +6,19 @@ The YAML config (schema: ``schemas/dispatcher.schema.json``, example:
 ``examples/dispatcher-config.yaml``) names targets; each has ``dispatch_configs`` saying which
 message topics and conditions select a file for it, and where the file goes::
 
-    SUB -> files of the message -> rules (topic, conditions) -> compose target URL (aliases)
-        -> copy engine, one serial queue per target -> publish the new location (``-p``)
+    SUB (trollmoves.receiver) -> files of the message -> rules (topic, conditions)
+        -> compose target URL (aliases) -> copy engine, one serial queue per target
+        -> publish the new location (``-p``)
 
 Targets are served by a small thread pool, one transfer at a time per target, so a slow or
-unreachable target delays only its own files. The copy engine pools connections, so a stream
-of files to one SFTP target uses one SSH connection. The config file is checked on every turn
-of the receive loop (and on SIGHUP); a broken edit is reported and the last good config stays.
+unreachable target delays only its own files. The queues are bounded (:data:`MAX_QUEUED`): when
+they are full the receive loop waits. The copy engine pools connections, so a stream of files
+to one SFTP target uses one SSH connection. A composed destination must stay under the fixed
+base directory of its template: message fields cannot lead it elsewhere (``../..``).
+
+The config file is watched (and SIGHUP reloads it); a broken edit is reported and the last good
+config stays. At SIGTERM the queued deliveries get ``--stop-timeout`` seconds to finish; each
+one not done is logged with its file and target.
 """
 
 from __future__ import annotations
@@ -20,13 +26,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
+import posixpath
 import string
 import sys
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache, partial
@@ -37,15 +40,16 @@ import fsspec
 import jsonschema
 from posttroll.message import Message
 from posttroll.publisher import create_publisher_from_dict_config
-from posttroll.subscriber import create_subscriber_from_dict_config
 from trollsift import compose
 
 from trollmoves import errors
 from trollmoves.conditions import conditions_match
 from trollmoves.config import ConfigError, file_signature, load_schema, load_yaml
 from trollmoves.filesystems import POOL
+from trollmoves.jobqueue import JobQueues
 from trollmoves.logs import add_logging_arguments, setup_logging
-from trollmoves.messages import FILE_TYPES, iter_files, local_path
+from trollmoves.messages import FILE_TYPES, compose_path, iter_files, local_path
+from trollmoves.receiver import Control, Receiver, SubscriberSettings
 from trollmoves.transfer import interrupt_retries, transfer
 from trollmoves.urls import parse, redact_url
 
@@ -53,8 +57,11 @@ LOG = logging.getLogger(__name__)
 
 SUBSCRIBER_SECTION = "posttroll_subscriber"
 PUBLISHER_NAME = "dispatcher"
-RECV_TIMEOUT = 0.25  #: seconds; also the latency of config checks and of a SIGTERM
 DEFAULT_WORKERS = 4
+#: Deliveries waiting (all targets together) before the receive loop waits for room.
+MAX_QUEUED = 10_000
+#: Seconds the queued deliveries get to finish at a stop (``--stop-timeout``).
+DEFAULT_STOP_TIMEOUT = 30.0
 _RULE_KEYS = ("topics", "conditions")
 
 
@@ -82,34 +89,11 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Subscription:
-    """Where messages come from (the ``posttroll_subscriber`` block) and which topics."""
-
-    topics: tuple[str, ...]
-    addresses: tuple[str, ...] = ()
-    nameserver: str | bool = "localhost"
-    services: tuple[str, ...] = ()
-
-    def settings(self) -> dict[str, Any]:
-        """Arguments for posttroll's ``create_subscriber_from_dict_config``."""
-        return {"topics": list(self.topics), "addresses": list(self.addresses) or None,
-                "nameserver": self.nameserver, "services": list(self.services) or "",
-                "addr_listener": True}
-
-    def describe(self) -> str:
-        """A short text for log lines."""
-        sources = list(self.addresses)
-        if self.nameserver is not False:
-            sources.append(f"nameserver {self.nameserver}")
-        return f"topics {', '.join(self.topics)} from {', '.join(sources)}"
-
-
-@dataclass(frozen=True)
 class DispatcherConfig:
     """A validated dispatcher configuration."""
 
     rules: tuple[Rule, ...]
-    subscription: Subscription
+    subscription: SubscriberSettings  #: the ``posttroll_subscriber`` block and the rules' topics
 
 
 @cache
@@ -219,8 +203,9 @@ def build_config(data: Any, source: str = "<config>") -> DispatcherConfig:
         raise ConfigError(source, SUBSCRIBER_SECTION, "nameserver", "false needs "
                           "subscribe_addresses, or there is nothing to listen to")
     topics = tuple(sorted({topic for rule in rules for topic in rule.topics}))
-    subscription = Subscription(topics, addresses, nameserver,
-                                _as_tuple(subscriber.get("subscribe_services")))
+    subscription = SubscriberSettings(
+        topics, addresses, None if nameserver is False else str(nameserver),
+        _as_tuple(subscriber.get("subscribe_services")) or ("",), addr_listener=True)
     return DispatcherConfig(tuple(rules), subscription)
 
 
@@ -258,16 +243,23 @@ def file_metadata(info: Mapping[str, Any], path: str) -> dict[str, Any]:
     return {**info, "file_creation_time": datetime.fromtimestamp(os.path.getctime(path))}
 
 
+def _literal(text: str) -> str:
+    """``text`` as a format string that composes to itself."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def compose_destination(rule: Rule, metadata: Mapping[str, Any], source: str) -> tuple[str, str]:
     """Return (target URL, target path) of ``source`` for ``rule``.
 
     The path is ``directory/filepattern`` composed from the metadata after aliases (the
     source's file name when there is no ``filepattern``); the URL is the rule's ``host`` with
-    that path. Raises KeyError (missing field) or ValueError (bad format).
+    that path. Raises KeyError (missing field), ValueError (bad format) or
+    :class:`~trollmoves.messages.UnsafePathError` (a field leads out of the template's base
+    directory).
     """
     fields = apply_aliases(metadata, rule.aliases)
-    name = compose(rule.filepattern, fields) if rule.filepattern else os.path.basename(source)
-    path = os.path.join(compose(rule.directory, fields), name)
+    name = rule.filepattern or _literal(os.path.basename(source))
+    path = compose_path(posixpath.join(rule.directory, name), fields)
     parts = urlsplit(rule.host)
     if not parts.scheme:
         return path, path
@@ -326,51 +318,6 @@ def plan(rules: Iterable[Rule], subject: str, info: Mapping[str, Any]) -> list[J
 # ---------------------------------------------------------------------------------- running
 
 
-class SerialQueues:
-    """Run jobs on a small thread pool: in order and one at a time per key, keys in turn."""
-
-    def __init__(self, workers: int = DEFAULT_WORKERS) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dispatch")
-        self._lock = threading.Lock()
-        self._queues: dict[str, deque[Callable[[], None]]] = {}
-        self._closed = False
-
-    def submit(self, key: str, job: Callable[[], None]) -> None:
-        """Queue ``job`` behind the other jobs of ``key``."""
-        with self._lock:
-            if self._closed:
-                return
-            queue = self._queues.get(key)
-            if queue is not None:  # a runner for this key is scheduled or running
-                queue.append(job)
-                return
-            self._queues[key] = deque([job])
-            self._executor.submit(self._run_next, key)
-
-    def _run_next(self, key: str) -> None:
-        with self._lock:
-            queue = self._queues[key]
-            job = None if self._closed else queue.popleft()
-        if job is not None:
-            try:
-                job()
-            except Exception:
-                LOG.exception("Unexpected error in a %s job", key)
-        with self._lock:
-            if not queue or self._closed:
-                del self._queues[key]
-            else:  # to the back of the pool's queue: other keys get their turn
-                self._executor.submit(self._run_next, key)
-
-    def shutdown(self) -> int:
-        """Finish the running jobs, drop the queued ones; return how many were dropped."""
-        with self._lock:
-            self._closed = True
-            dropped = sum(len(queue) for queue in self._queues.values())
-        self._executor.shutdown(wait=True)
-        return dropped
-
-
 def _connection_options(parameters: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     options = dict(parameters)
     backups = options.pop("backup_targets", None) or []
@@ -381,93 +328,80 @@ class Dispatcher:
     """Receive messages, dispatch their files by the config's rules, publish the results."""
 
     def __init__(self, config_file: str | os.PathLike[str], publisher: Any = None,
-                 workers: int = DEFAULT_WORKERS) -> None:
+                 workers: int = DEFAULT_WORKERS, stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+                 max_queued: int = MAX_QUEUED) -> None:
         self.config_file = os.fspath(config_file)
-        self._stamp = file_signature(self.config_file)
+        self._loaded = file_signature(self.config_file)  # taken first: a later edit shows
         self.config = read_config(self.config_file)
         self.publisher = publisher
-        self.queues = SerialQueues(workers)
-        self._stopping = threading.Event()
-        self._reload_requested = False
+        self.stop_timeout = stop_timeout
+        self.queues = JobQueues(workers, max_queued, name="dispatch")
+        self.receiver: Receiver | None = None
 
     # -- life cycle -------------------------------------------------------------------------
-    def run(self) -> None:
-        """Receive and dispatch until :meth:`stop`; resubscribe when the subscription changes."""
-        previous: DispatcherConfig | None = None
-        while not self._stopping.is_set():
-            subscriber = self._subscribe(previous)
-            subscription = self.config.subscription
-            LOG.info("Dispatcher ready: listening to %s", subscription.describe())
-            try:
-                for msg in subscriber.recv(timeout=RECV_TIMEOUT):
-                    if self._stopping.is_set():
-                        break
-                    previous = self.config
-                    if self.check_config() and self.config.subscription != subscription:
-                        LOG.info("Subscription changed: resubscribing")
-                        break
-                    if msg is not None:
-                        self.handle(msg)
-            finally:
-                subscriber.close()
+    def serve(self, control: Control) -> None:
+        """Receive and dispatch until ``control`` says stop; reload when it says so.
 
-    def _subscribe(self, previous: DispatcherConfig | None) -> Any:
-        """Subscribe as the config says; after a reload, fall back to the previous config."""
+        Raises when the subscription cannot be set up.
+        """
+        self.receiver = Receiver(self.config.subscription, self.handle,
+                                 on_exit=control.request_stop, name="dispatcher-receiver")
+        self.receiver.start()
+        LOG.info("Dispatcher ready: listening to %s", self.config.subscription.describe())
+        control.watch(self.config_file, self._loaded)
         try:
-            return create_subscriber_from_dict_config(self.config.subscription.settings())
-        except Exception as err:
-            if previous is None:
-                raise
-            LOG.error("Cannot subscribe as %s says, keeping the previous configuration: %s",
-                      self.config_file, err)
-            self.config = previous
-            return create_subscriber_from_dict_config(previous.subscription.settings())
-
-    def stop(self) -> None:
-        """Ask :meth:`run` to return (safe from a signal handler)."""
-        self._stopping.set()
-
-    def request_reload(self) -> None:
-        """Re-read the config on the next turn of the receive loop, even if unchanged."""
-        self._reload_requested = True
+            while control.wait() == Control.RELOAD:
+                self.reload()
+        finally:
+            LOG.info("Stopping")
+            self.receiver.stop()
+            self.queues.close()  # a receive loop waiting for room goes on, and stops
+            self.receiver.join()
 
     def close(self) -> None:
-        """Finish running transfers, drop queued ones, close connections and the publisher."""
+        """Give the queued deliveries ``stop_timeout`` seconds, log each one not done, wait
+        for the running ones; close connections and the publisher."""
+        dropped = self.queues.drain(self.stop_timeout)
         interrupt_retries()
-        dropped = self.queues.shutdown()
-        if dropped:
-            LOG.warning("Stopped with %d queued deliveries not done", dropped)
+        self.queues.join()
+        for job in dropped:
+            LOG.error("Not dispatched, stopped before its turn: %s to target %s", job.label,
+                      job.key)
         POOL.close_all()
         if self.publisher is not None:
             self.publisher.stop()
         LOG.info("Dispatcher stopped")
 
     # -- configuration ----------------------------------------------------------------------
-    def check_config(self) -> bool:
-        """Reload the config file when it changed; return True when a new config is in use."""
-        stamp = file_signature(self.config_file)
-        if stamp == self._stamp and not self._reload_requested:
-            return False
-        self._stamp, self._reload_requested = stamp, False
+    def reload(self) -> bool:
+        """Re-read the config file; a broken one is logged and the current one stays.
+
+        Returns True when the new config is in use; a changed subscription is resubscribed.
+        """
         try:
             config = read_config(self.config_file)
         except ConfigError as err:
             LOG.error("Invalid configuration, keeping the previous one: %s", err)
             return False
-        self.config = config
+        previous, self.config = self.config, config
         LOG.info("Configuration reloaded from %s", self.config_file)
+        if config.subscription != previous.subscription and self.receiver is not None:
+            LOG.info("Subscription changed: resubscribing")
+            self.receiver.resubscribe(config.subscription)
         return True
 
     # -- messages ---------------------------------------------------------------------------
     def handle(self, msg: Message) -> None:
-        """Queue the deliveries a message asks for."""
+        """Queue the deliveries a message asks for (waiting while the queues are full)."""
         if msg.type not in FILE_TYPES:
             LOG.debug("Ignoring %s message on %s", msg.type, msg.subject)
             return
         LOG.debug("Received %s message on %s", msg.type, msg.subject)
         for info in iter_files(msg.data):
             for job in plan(self.config.rules, msg.subject, info):
-                self.queues.submit(job.target, partial(self.deliver, job))
+                label = str(info.get("uid") or job.source)
+                if not self.queues.submit(job.target, label, partial(self.deliver, job)):
+                    LOG.error("Not dispatched, stopping: %s to target %s", label, job.target)
 
     def deliver(self, job: Job) -> bool:
         """Copy one file to one target and publish its new location; never raises."""
@@ -532,6 +466,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-n", "--publish-nameserver", dest="pub_nameservers", nargs="*",
                         metavar="NAMESERVERS",
                         help="register the publisher with these nameservers")
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
+                        metavar="SECONDS",
+                        help="at SIGTERM, time the queued deliveries get to finish (default "
+                             "%(default)s)")
     add_logging_arguments(parser)
     return parser.parse_args(argv)
 
@@ -541,24 +479,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args)
     try:
-        dispatcher = Dispatcher(args.config_file)
+        dispatcher = Dispatcher(args.config_file, stop_timeout=args.stop_timeout)
     except ConfigError as err:
         LOG.error("Cannot start: %s", err)
         return 1
+    control = Control()
     try:
         dispatcher.publisher = create_publisher(args.pub_port, args.pub_nameservers)
-    except Exception as err:  # noqa: BLE001 - posttroll/zmq report bind failures many ways
-        LOG.error("Cannot start the publisher: %s", err)
-        dispatcher.close()
+        control.install_signals(reload=True)
+        dispatcher.serve(control)
+    except Exception as err:  # noqa: BLE001 - posttroll/zmq report bind/connect failures many ways
+        LOG.error("Cannot run: %s", err)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: dispatcher.stop())
-    signal.signal(signal.SIGINT, lambda *_: dispatcher.stop())
-    signal.signal(signal.SIGHUP, lambda *_: dispatcher.request_reload())
-    try:
-        dispatcher.run()
     finally:
         dispatcher.close()
-    return 0
+        control.close()
+    failed = dispatcher.receiver is not None and dispatcher.receiver.error is not None
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
