@@ -1,11 +1,11 @@
 """s3downloader end to end: the console script against moto S3, fed and read over posttroll.
 
 The downloader runs as a subprocess (``s3downloader.py -c CONFIG -l LOG``). Messages shaped like
-pytroll-collectors' s3stalker ones come from a posttroll Publisher on 127.0.0.1; what it publishes
-is read by a posttroll Subscriber. Readiness: the "Ready" log line gives the publish port, then a
-canary object is announced (a new one each try) until its download is announced back, which
-proves both PUB/SUB links are up. The "endpoint down" cases put a TCP gate between the
-downloader and moto that the test opens, closes or cuts.
+pytroll-collectors' s3stalker ones (or any bytes) come from a publisher socket on 127.0.0.1;
+what it publishes is read by a posttroll Subscriber. Readiness: the "Ready" log line gives the
+publish port, then a canary object is announced (a new one each try) until its download is
+announced back, which proves both PUB/SUB links are up. The "endpoint down" cases put a TCP
+gate between the downloader and moto that the test opens, closes or cuts.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from typing import Any
 import pytest
 import yaml
 from posttroll.message import Message
-from posttroll.publisher import Publisher
 from posttroll.subscriber import Subscriber
 
 from tests import servers
 from tests.servers import S3Server
+from tests.test_receiver import Feed, bad_messages
 from trollmoves import s3downloader
 from trollmoves.config import ConfigError
+from trollmoves.subscription import MAX_MESSAGE_BYTES
 
 TOPIC = "/test/s3/new"
 PUBLISH_TOPIC = "/test/s3/downloaded"
@@ -107,11 +108,11 @@ class Downloader:
         self.s3, self.bucket = s3, bucket
         self.dest = tmp / "downloads"
         self.log = tmp / "s3downloader.log"
-        self.feed = Publisher("tcp://127.0.0.1:0").start()
+        self.feed = Feed(TOPIC)
         config = {
             "subscribe-topic": [TOPIC], "publish-topic": PUBLISH_TOPIC,
             "nameserver": False,
-            "subscriber_addresses": [f"tcp://127.0.0.1:{self.feed.port_number}"],
+            "subscriber_addresses": [self.feed.address],
             "nameservers": False, "publish_port": 0,
             "download_destination": str(self.dest),
             "s3_kwargs": {"anon": False, "client_kwargs": {"endpoint_url": endpoint_url},
@@ -147,7 +148,7 @@ class Downloader:
 
     def send(self, mtype: str, data: dict[str, Any]) -> None:
         """Publish one announcement to the downloader."""
-        self.feed.send(Message(TOPIC, mtype, data).encode())
+        self.feed.send(data, mtype)
 
     def wait_announced(self, uid: str, count: int = 1) -> list[Message]:
         """Wait until ``count`` file messages for ``uid`` were published."""
@@ -176,7 +177,7 @@ class Downloader:
     def stop(self) -> int:
         """SIGTERM the process and return its exit code."""
         self.collector.close()
-        self.feed.stop()
+        self.feed.close()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -320,19 +321,44 @@ def test_dataset_and_collection_files_are_each_announced(downloader: Downloader)
     assert downloader.partial_files() == []
 
 
-def test_same_object_again_is_skipped_and_not_reannounced(downloader: Downloader) -> None:
-    """A second announcement of an unchanged object is skipped; a changed size downloads again."""
+def test_same_object_again_is_announced_and_a_rewrite_downloaded(
+        downloader: Downloader) -> None:
+    """Every announcement is answered: an unchanged object is not downloaded again but
+    announced again (a copy whose announcement was lost is announced at last); an object
+    rewritten at the same size (in the same second, too) is downloaded again."""
     file = stalker_file(downloader.bucket, "again/same.nc")
     downloader.put("again/same.nc", b"a" * 1000)
     downloader.send("file", file)
     downloader.wait_announced("same.nc")
-    downloader.send("file", file)
-    downloader.wait_log(r"Skipping s3://\S+/again/same\.nc: .* same size")
-    assert len(downloader.collector.files("same.nc")) == 1
-    downloader.put("again/same.nc", b"b" * 2000)
+    local = downloader.dest / "same.nc"
+    head = downloader.s3.client().head_object(Bucket=downloader.bucket, Key="again/same.nc")
+    assert int(local.stat().st_mtime) == int(head["LastModified"].timestamp())
     downloader.send("file", file)
     downloader.wait_announced("same.nc", count=2)
-    assert (downloader.dest / "same.nc").read_bytes() == b"b" * 2000
+    downloader.wait_log(r"s3://\S+/again/same\.nc is already downloaded to \S+ \(same size, "
+                        r"time and ETag\); announcing it")
+    downloader.put("again/same.nc", b"b" * 1000)
+    downloader.send("file", file)
+    downloader.wait_announced("same.nc", count=3)
+    assert local.read_bytes() == b"b" * 1000
+    assert len(re.findall(r"Downloaded s3://\S+/again/same\.nc", downloader.log_text())) == 2
+
+
+def test_bad_messages_do_not_stop_the_downloader(downloader: Downloader) -> None:
+    """Random bytes, a text that is no posttroll message, JSON nested too deep, an invalid URI
+    and a message over the size bound are each logged; the next good message is served."""
+    bad = bad_messages(TOPIC)
+    for kind in ("random bytes", "not posttroll", "deeply nested"):
+        downloader.feed.send_raw(bad[kind])
+    downloader.send("file", {"uri": "s3://[x/a.h5", "uid": "a.h5"})
+    downloader.feed.send_raw(bad["oversize"])
+    downloader.sync()  # the oversize message costs its connection: canaries until one is back
+    for reason in ("UnicodeDecodeError", "ValueError", "RecursionError"):
+        downloader.wait_log(rf"WARNING .*not a posttroll message \({reason}")
+    downloader.wait_log(r"WARNING .*Not an S3 object, ignored: s3://\[x/a\.h5")
+    downloader.wait_log(rf"WARNING .*Lost the connection to {downloader.feed.address} .*over "
+                        rf"{MAX_MESSAGE_BYTES} bytes")
+    assert downloader.proc.poll() is None
 
 
 def test_other_messages_are_ignored(downloader: Downloader) -> None:
@@ -462,3 +488,4 @@ def test_source_url_rules() -> None:
                                    "c") is None
     assert s3downloader.source_url({"uri": "zip://m.nc::s3://b/a.zip"}) is None
     assert s3downloader.source_url({"uri": "s3://b/dir/"}) is None
+    assert s3downloader.source_url({"uri": "s3://[x/k"}) is None  # not a valid URI

@@ -6,12 +6,17 @@ every announced object through the copy engine into ``download_destination`` (un
 name, renamed once complete) and publishes one ``file`` message per new local file, with the
 incoming metadata, ``uri`` = the absolute local path and ``uid`` = the file name.
 
-- Objects are fetched concurrently by a small pool of ``workers`` threads.
-- An object whose local copy already exists with the same size is not downloaded again, and not
-  announced again: every announcement stands for one new download.
+- Objects are fetched concurrently by a small pool of ``workers`` threads, one at a time per
+  local file; at most :data:`MAX_QUEUED` wait, beyond that the receive loop waits for room.
+- Every announcement is answered by one announcement of the local copy once it is complete and
+  current. A local copy carries the object's modification time (``LastModified``) as its own
+  and its ETag in the extended attribute ``user.trollmoves.etag`` (where the file system has
+  them); a copy with the object's size, time and ETag is not downloaded again, an object
+  rewritten since is.
 - A download that fails on a connection problem (after the engine's own quick retries) is queued
   for another try ``retry_delay`` seconds later (doubling), at most ``download_retries`` times;
   a missing bucket or object, or refused access, is logged and not retried.
+- At SIGTERM the queued downloads get ``--stop-timeout`` seconds; each one not done is logged.
 
 Run as ``s3downloader.py -c CONFIG [-l LOGFILE] [-r SUBSCRIBE_NAMESERVER] [-n NAMESERVER ...]``
 or ``trollmoves s3download ...``; ``schemas/s3downloader.schema.json`` describes the YAML keys and
@@ -21,31 +26,31 @@ or ``trollmoves s3download ...``; ``schemas/s3downloader.schema.json`` describes
 from __future__ import annotations
 
 import argparse
+import errno
 import heapq
 import itertools
 import logging
 import os
 import posixpath
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from posttroll.message import Message
 from posttroll.publisher import create_publisher_from_dict_config
-from posttroll.subscriber import create_subscriber_from_dict_config
 
 from trollmoves import errors
 from trollmoves.config import ConfigError, load_schema, read_yaml
 from trollmoves.filesystems import POOL, endpoint
+from trollmoves.jobqueue import JobQueues
 from trollmoves.logs import add_logging_arguments, setup_logging
-from trollmoves.messages import FILE_TYPES, iter_files
+from trollmoves.messages import FILE_TYPES, iter_files, local_file_data
+from trollmoves.receiver import Control, Receiver, SubscriberSettings
 from trollmoves.transfer import interrupt_retries, transfer
 from trollmoves.urls import parse
 
@@ -53,11 +58,13 @@ LOG = logging.getLogger(__name__)
 
 SERVICE_NAME = "s3downloader"
 HEARTBEAT_INTERVAL = 30
-#: Items of the incoming data that describe the remote object, not the local copy.
-REMOTE_ITEMS = ("dataset", "collection", "filename", "compress", "tst", "uri", "uid", "file_list",
-                "path", "filesystem")
-#: Downloads accepted from the subscriber but not finished yet; beyond this the listener waits.
+#: Downloads accepted from the subscriber but not started yet; beyond this the listener waits.
 MAX_QUEUED = 1000
+#: Seconds the queued downloads get to finish at a stop (``--stop-timeout``).
+DEFAULT_STOP_TIMEOUT = 30.0
+#: Extended attribute of a local copy holding the ETag of the object it was downloaded from.
+ETAG_XATTR = "user.trollmoves.etag"
+_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})
 #: Failed downloads waiting for another try; beyond this the failure is final.
 MAX_RETRY_PENDING = 1000
 _S3_SCHEMES = frozenset({"s3", "s3a"})
@@ -164,7 +171,10 @@ def source_url(info: Mapping[str, Any], bucket: str | None = None) -> str | None
     uri = str(info.get("uri") or "")
     if not uri or "::" in uri:  # archive members (zip://...::s3://...) are not whole objects
         return None
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # not a valid URI (s3://[x)
+        return None
     scheme = parts.scheme.lower()
     protocols = _filesystem_protocols(info)
     if scheme in _S3_SCHEMES:
@@ -176,14 +186,6 @@ def source_url(info: Mapping[str, Any], bucket: str | None = None) -> str | None
     if not key or key.endswith("/") or not name:
         return None
     return f"s3://{name}/{key}"
-
-
-def local_message_data(info: Mapping[str, Any], local_path: str) -> dict[str, Any]:
-    """The data of the ``file`` message announcing a local copy of the announced ``info``."""
-    data = {key: value for key, value in info.items() if key not in REMOTE_ITEMS}
-    data["uri"] = local_path
-    data["uid"] = os.path.basename(local_path)
-    return data
 
 
 # ------------------------------------------------------------------------------ retry queue
@@ -252,22 +254,55 @@ class RetryQueue:
 # ------------------------------------------------------------------------------- downloader
 
 
+class ObjectState(NamedTuple):
+    """What identifies the content of an S3 object cheaply."""
+
+    size: int
+    mtime: int  #: LastModified, whole seconds since the epoch
+    etag: str | None = None
+
+
+def is_current(path: str, remote: ObjectState) -> bool:
+    """Whether the local file ``path`` is a complete copy of the object as it is now: the same
+    size and modification time, and the same ETag unless the file system keeps none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    if (info.st_size, int(info.st_mtime)) != (remote.size, remote.mtime):
+        return False
+    if not remote.etag:
+        return True
+    try:
+        return os.getxattr(path, ETAG_XATTR).decode(errors="replace") == remote.etag
+    except OSError as err:  # no attribute (an interrupted download): not known to be current
+        return err.errno in _NO_XATTRS
+
+
+def record_state(path: str, remote: ObjectState) -> None:
+    """Mark the local copy ``path`` with the state of the object it was downloaded from."""
+    os.utime(path, (remote.mtime, remote.mtime))
+    if remote.etag:
+        try:
+            os.setxattr(path, ETAG_XATTR, remote.etag.encode())
+        except OSError as err:
+            LOG.debug("Cannot record the ETag of %s (%s); size and time must do", path, err)
+
+
 class Downloader:
     """Downloads announced objects with a thread pool and publishes the complete local files."""
 
     def __init__(self, settings: Settings, publish: Callable[[str], None]) -> None:
         self.settings = settings
         self._publish = publish
-        self._pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="s3download")
-        self._slots = threading.BoundedSemaphore(MAX_QUEUED)
-        self._stop = threading.Event()
-        self._in_flight: set[str] = set()
-        self._lock = threading.Lock()
+        self.queues = JobQueues(settings.workers, MAX_QUEUED, name="s3download")
+        self._stopping = threading.Event()
         self._retries = RetryQueue(self._submit)
 
     # -- accepting work --------------------------------------------------------------------
     def handle(self, msg: Message) -> int:
-        """Queue a download for every S3 object ``msg`` announces; return how many."""
+        """Queue a download for every S3 object ``msg`` announces (waiting while the queue is
+        full); return how many."""
         if msg.type not in FILE_TYPES:
             LOG.debug("Ignoring %s message %s", msg.type, msg.subject)
             return 0
@@ -284,70 +319,51 @@ class Downloader:
         return count
 
     def _submit(self, job: Job) -> bool:
-        while not self._stop.is_set():
-            if self._slots.acquire(timeout=0.5):  # full: let the socket buffer meanwhile
-                self._pool.submit(self._run, job)
-                return True
+        """Queue ``job`` behind the other downloads to the same local file."""
+        if self.queues.submit(job.target, job.source, partial(self._run, job)):
+            return True
+        LOG.error("Not downloaded, stopping: %s", job.source)
         return False
 
     # -- doing it ---------------------------------------------------------------------------
     def _run(self, job: Job) -> None:
         try:
-            with self._claim(job.target) as claimed:
-                if not claimed:
-                    LOG.info("%s is already being downloaded to %s", job.source, job.target)
-                    return
-                self._download(job)
+            self._download(job)
         except Exception:
             LOG.exception("Unexpected error while downloading %s", job.source)
-        finally:
-            self._slots.release()
-
-    @contextmanager
-    def _claim(self, target: str) -> Iterator[bool]:
-        with self._lock:
-            if target in self._in_flight:
-                yield False
-                return
-            self._in_flight.add(target)
-        try:
-            yield True
-        finally:
-            with self._lock:
-                self._in_flight.discard(target)
 
     def _download(self, job: Job) -> None:
-        if self._already_downloaded(job):
-            LOG.info("Skipping %s: %s already exists with the same size (not announced again)",
+        remote = self._remote_state(job.source)
+        if remote is not None and is_current(job.target, remote):
+            LOG.info("%s is already downloaded to %s (same size, time and ETag); announcing it",
                      job.source, job.target)
-            return
-        try:
-            result = transfer(job.source, job.target, src_options=self.settings.s3_kwargs)
-        except errors.TransferError as err:
-            self._failed(job, err)
-            return
-        LOG.info("Downloaded %s to %s (%d bytes, %.2f s)", job.source, job.target, result.size,
-                 result.seconds)
-        message = Message(self.settings.publish_topic, "file",
-                          local_message_data(job.info, job.target))
+        else:
+            try:
+                result = transfer(job.source, job.target, src_options=self.settings.s3_kwargs)
+            except errors.TransferError as err:
+                self._failed(job, err)
+                return
+            if remote is not None:  # taken before the download: a later rewrite shows
+                record_state(job.target, remote)
+            LOG.info("Downloaded %s to %s (%d bytes, %.2f s)", job.source, job.target,
+                     result.size, result.seconds)
+        message = Message(self.settings.publish_topic, "file", local_file_data(job.info,
+                                                                                job.target))
         self._publish(message.encode())
         LOG.debug("Published %s", message)
 
-    def _remote_size(self, source: str) -> int:
+    def _remote_state(self, source: str) -> ObjectState | None:
+        """Size and modification time of the object; None when they cannot be had (the
+        download then reports the problem)."""
         loc = parse(source)
-        with POOL.use(endpoint(loc, self.settings.s3_kwargs)) as fs:
-            return int(fs.size(loc.fs_path))
-
-    def _already_downloaded(self, job: Job) -> bool:
         try:
-            local = os.path.getsize(job.target)
-        except OSError:
-            return False
-        try:
-            return self._remote_size(job.source) == local
+            with POOL.use(endpoint(loc, self.settings.s3_kwargs)) as fs:
+                info = fs.info(loc.fs_path, refresh=True)
+            return ObjectState(int(info["size"]), int(info["LastModified"].timestamp()),
+                               str(info.get("ETag") or "") or None)
         except Exception as err:  # noqa: BLE001 - the download itself reports the problem
-            LOG.debug("Could not compare sizes of %s: %s", job.source, errors.describe(err))
-            return False
+            LOG.debug("Could not read the state of %s: %s", source, errors.describe(err))
+            return None
 
     # -- failures ---------------------------------------------------------------------------
     def _failed(self, job: Job, err: errors.TransferError) -> None:
@@ -367,7 +383,7 @@ class Downloader:
             LOG.error("Download of %s failed (attempt %d of %d), retrying in %.1f s: %s",
                       job.source, job.attempt, self.settings.download_retries + 1, delay, err)
         else:
-            reason = "shutting down" if self._stop.is_set() else "the retry queue is full"
+            reason = "shutting down" if self._stopping.is_set() else "the retry queue is full"
             LOG.error("Download of %s failed and is not retried (%s): %s", job.source, reason,
                       err)
 
@@ -384,15 +400,19 @@ class Downloader:
         return f"object {loc.path.lstrip('/')!r} not found in bucket {loc.host!r}"
 
     # -- stopping ---------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop accepting work, drop pending retries and wait for running downloads."""
-        self._stop.set()
-        dropped = self._retries.stop()
-        if dropped:
-            LOG.warning("Dropping %d download(s) waiting for a retry: %s", len(dropped),
-                        ", ".join(job.source for job in dropped))
+    def close(self, timeout: float | None = DEFAULT_STOP_TIMEOUT) -> None:
+        """Stop accepting work and drop the pending retries; give the queued downloads
+        ``timeout`` seconds, wait for the running ones; log every download not done."""
+        self._stopping.set()
+        self.queues.close()
+        retries = self._retries.stop()
+        dropped = self.queues.drain(timeout)
         interrupt_retries()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.queues.join()
+        for job in retries:
+            LOG.error("Not downloaded, stopped while waiting for a retry: %s", job.source)
+        for queued in dropped:
+            LOG.error("Not downloaded, stopped before its turn: %s", queued.label)
 
 
 # ------------------------------------------------------------------------------- posttroll
@@ -407,40 +427,40 @@ def create_publisher(settings: Settings) -> Any:
     return create_publisher_from_dict_config(config).start()
 
 
-def create_subscriber(settings: Settings) -> Any:
-    """Subscribe directly to ``subscriber_addresses``, or through the nameserver."""
-    config: dict[str, Any] = {"topics": settings.subscribe_topics,
-                              "addresses": settings.subscriber_addresses or None}
-    if settings.subscribe_nameserver is False:
-        config["nameserver"] = False
-    else:
-        config.update(nameserver=settings.subscribe_nameserver, services=settings.services,
-                      addr_listener=True)
-    return create_subscriber_from_dict_config(config)
+def subscriber_settings(settings: Settings) -> SubscriberSettings:
+    """Subscribe directly to ``subscriber_addresses`` and/or through the nameserver."""
+    nameserver = settings.subscribe_nameserver
+    return SubscriberSettings(
+        topics=tuple(settings.subscribe_topics), addresses=tuple(settings.subscriber_addresses),
+        nameserver=None if nameserver is False else str(nameserver),
+        services=tuple(settings.services), addr_listener=True)
 
 
-def serve(settings: Settings, stop: threading.Event) -> None:
-    """Download what is announced until ``stop`` is set."""
+def serve(settings: Settings, control: Control,
+          stop_timeout: float | None = DEFAULT_STOP_TIMEOUT) -> None:
+    """Download what is announced until ``control`` says stop."""
     publisher = create_publisher(settings)
     try:
-        subscriber = create_subscriber(settings)
         downloader = Downloader(settings, publisher.send)
+        subscription = subscriber_settings(settings)
+        receiver = Receiver(subscription, downloader.handle,
+                            tick=lambda: publisher.heartbeat(HEARTBEAT_INTERVAL),
+                            tick_interval=HEARTBEAT_INTERVAL, on_exit=control.request_stop,
+                            name="s3downloader-receiver")
         try:
-            source = (", ".join(settings.subscriber_addresses)
-                      if settings.subscribe_nameserver is False
-                      else f"nameserver {settings.subscribe_nameserver}")
-            LOG.info("Ready: listening to %s on %s, downloading to %s, publishing %s on port %d",
-                     ", ".join(settings.subscribe_topics), source, settings.destination,
-                     settings.publish_topic, publisher.port_number)
-            for msg in subscriber.recv(timeout=1):
-                if stop.is_set():
-                    break
-                publisher.heartbeat(HEARTBEAT_INTERVAL)
-                if msg is not None:
-                    downloader.handle(msg)
+            receiver.start()
+            LOG.info("Ready: listening to %s, downloading to %s, publishing %s on port %d",
+                     subscription.describe(), settings.destination, settings.publish_topic,
+                     publisher.port_number)
+            control.wait()
+            LOG.info("Stopping")
         finally:
-            subscriber.close()
-            downloader.close()
+            receiver.stop()
+            downloader.queues.close()  # a receive loop waiting for room goes on, and stops
+            receiver.join()
+            downloader.close(stop_timeout)
+        if receiver.error is not None:
+            raise RuntimeError("the receive loop stopped on an error") from receiver.error
     finally:
         publisher.stop()
         POOL.close_all()
@@ -461,6 +481,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-n", "--nameservers", dest="nameservers", nargs="*", metavar="NAMESERVER",
                         help="nameservers to register the publisher with (default: config, "
                              "else multicast); 'false' for none")
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
+                        metavar="SECONDS",
+                        help="at SIGTERM, time the queued downloads get to finish (default "
+                             "%(default)s)")
     add_logging_arguments(parser, log_file=True, log_config=False)
     return parser.parse_args(argv)
 
@@ -479,19 +503,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args)
     for key in settings.unknown_keys:
         LOG.warning("%s: unknown key %r is ignored", args.config_file, key)
-    stop = threading.Event()
-
-    def _stop(signum: int, _frame: Any) -> None:
-        LOG.info("Received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    control = Control()
+    control.install_signals()
     try:
-        serve(settings, stop)
+        serve(settings, control, args.stop_timeout)
     except Exception:
         LOG.exception("s3downloader stopped on an error")
         return 1
+    finally:
+        control.close()
     LOG.info("Stopped")
     return 0
 
