@@ -379,6 +379,35 @@ def test_compressed_files_are_unpacked_and_kept_a_while(sections: list[Section],
         client.close()
 
 
+def test_originals_not_unpacked_stay_without_delete(sections: list[Section],
+                                                   tmp_path: Path) -> None:
+    """With compression but no delete, only what the server unpacked is removed."""
+    work = tmp_path / "work"
+    section, publisher = start_section(
+        sections, tmp_path, origin=str(tmp_path / "src" / "{name}"), compression="bzip",
+        working_directory=str(work), unpacked_retention=3600, remove_delay=0)
+    src = tmp_path / "src"
+    (src / "plain.dat").write_bytes(b"no bz2 suffix")
+    (src / "broken.bz2").write_bytes(b"not bzip2 data")
+    (src / "good.bz2").write_bytes(bz2.compress(b"unpacked"))
+    messages = {m.data["uid"]: m for m in announced(publisher, 3)}
+    assert sorted(messages) == ["broken.bz2", "good", "plain.dat"]
+    client = Requester(section.config["request_port"])
+    try:
+        assert client("push", {**messages["plain.dat"].data,
+                               "destination": f"{tmp_path}/dst/"}).type == "file"
+        assert client("ack", messages["broken.bz2"].data).type == "ack"
+        assert client("ack", messages["good"].data).type == "ack"
+        # removals run in order of their due time: once the unpacked copy is gone, the
+        # originals would be gone too had they been scheduled
+        wait_for(lambda: not (work / "good").exists(), DEADLINE)
+        assert (src / "plain.dat").exists() and (src / "broken.bz2").exists()
+        assert (src / "good.bz2").exists()
+        assert section.remover.pending() == 0
+    finally:
+        client.close()
+
+
 def test_unrequested_unpacked_copies_expire(sections: list[Section], tmp_path: Path) -> None:
     work = tmp_path / "work"
     _, publisher = start_section(

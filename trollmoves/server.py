@@ -192,7 +192,7 @@ class Section:
             if real_base != self.pattern.base:
                 self.real_pattern = OriginPattern(
                     real_base + self.pattern.origin[len(self.pattern.base):])
-        self._served: OrderedDict[str, None] = OrderedDict()
+        self._served: OrderedDict[str, bool] = OrderedDict()  # real path: created here
         self._served_lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -274,12 +274,12 @@ class Section:
 
     def announce(self, path: str, fields: Mapping[str, Any]) -> None:
         """Unpack ``path`` if configured, then announce what is to be served."""
-        served = self._unpacked(path)
+        served, created = self._unpacked(path)
         for target in served:
             if self.archive_kind and self._announce_members(target, fields):
                 continue
             info = announce.announcement_info(self.config, target, fields)
-            self._serve(target)
+            self._serve(target, created=created)
             self.ctx.remember(self.topic, [info["uid"]])
             self.ctx.publish(Message(self.topic, "file", info))
             LOG.debug("%s: announced %s", self.name, target)
@@ -304,28 +304,33 @@ class Section:
         LOG.debug("%s: announced the %d member(s) of %s", self.name, len(members), path)
         return True
 
-    def _unpacked(self, path: str) -> list[str]:
+    def _unpacked(self, path: str) -> tuple[list[str], bool]:
+        """The files to announce for ``path``, and whether this server created them."""
         if not self.compression:
-            return [path]
+            return [path], False
         try:
             outputs = unpack.unpack(self.compression, path, self.working_directory,
                                     prog=self.config.get("prog"))
         except unpack.UnsafeArchiveError as err:
             LOG.error("%s: %s; not announced", self.name, err)
-            return []
+            return [], False
         except unpack.UnpackError as err:
             LOG.error("%s: %s; announcing it as it is", self.name, err)
-            return [path]
-        if outputs != [path]:
-            if self.delete:
-                remove_file(path, self.name)
-            for output in outputs:
-                self.remover.schedule(output, self.retention)
-        return outputs
+            return [path], False
+        if outputs == [path]:  # not a file of that compression
+            return outputs, False
+        if self.delete:
+            remove_file(path, self.name)
+        for output in outputs:
+            self.remover.schedule(output, self.retention)
+        return outputs, True
 
-    def _serve(self, path: str) -> None:
+    def _serve(self, path: str, created: bool = False) -> None:
+        """Serve ``path`` from now on; ``created``: this server made it (an unpacked copy), so
+        it is removed once delivered even without ``delete``."""
         with self._served_lock:
-            self._served[os.path.realpath(path)] = None
+            self._served[os.path.realpath(path)] = created
+            self._served.move_to_end(os.path.realpath(path))
             if len(self._served) > SERVED_CAPACITY:
                 self._served.popitem(last=False)
 
@@ -422,9 +427,15 @@ class Section:
         return items
 
     def _after_delivery(self, paths: Iterable[str]) -> None:
-        if self.delete or self.compression:
-            for path in paths:
+        """Remove delivered files after ``remove_delay``: with ``delete`` all of them, else
+        only the copies this server unpacked (originals it did not unpack stay)."""
+        for path in paths:
+            if self.delete or self._created(path):
                 self.remover.schedule(path, self.remove_delay)
+
+    def _created(self, real: str) -> bool:
+        with self._served_lock:
+            return self._served.get(real, False)
 
     def served_path(self, uri: Any) -> str:
         """The real local path of a requested file, if this section serves it.
