@@ -75,4 +75,6 @@ def test_chained_url_names_the_member() -> None:
 def test_key_value_secrets_are_redacted_in_free_text() -> None:
     assert redact_text("connect(password='hunter2', port=22)") == "connect(password='***', port=22)"
     assert redact_text("{'client_secret': 'abc', 'x': 1}") == "{'client_secret': '***', 'x': 1}"
-    assert redact_text("passphrase: xyz") == "passphrase: ***"
+    assert redact_text('{"token": "t0k"}') == '{"token": "***"}'
+    prose = "[sa] filesystem__password: passwords and secret keys are refused"
+    assert redact_text(prose) == prose

@@ -18,9 +18,13 @@ LOCAL_SCHEMES = frozenset({"", "file", "local"})
 REDACTED = "***"
 #: Option names containing one of these words hold secrets (and so does ``key``, s3fs's).
 SECRET_WORDS = ("password", "passwd", "passphrase", "secret", "token", "credential")
+_SECRET_NAME = r"[\w-]*(?:" + "|".join(SECRET_WORDS) + r")[\w-]*"
+#: ``password=value`` and ``'password': 'value'`` (a dict's repr); prose such as
+#: "password: refused" is left alone.
 _KEY_VALUE = re.compile(
-    r"(?P<key>[\w-]*(?:" + "|".join(SECRET_WORDS) + r")[\w-]*['\"]?\s*[:=]\s*)"
-    r"(?P<quote>['\"]?)(?P<value>[^'\"\s,;)}\]]+)", re.IGNORECASE)
+    r"(?P<key>" + _SECRET_NAME + r"\s*=\s*)(?P<quote>['\"]?)(?P<value>[^'\"\s,;)}\]]+)"
+    r"|(?P<qkey>['\"]" + _SECRET_NAME + r"['\"]\s*:\s*)(?P<q>['\"])(?P<qvalue>[^'\"]*)",
+    re.IGNORECASE)
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
 
 
@@ -154,6 +158,12 @@ def strip_credentials(url: str) -> str:
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}@", str(url))
 
 
+def _redact_match(match: re.Match[str]) -> str:
+    if match["key"] is not None:
+        return f"{match['key']}{match['quote']}{REDACTED}"
+    return f"{match['qkey']}{match['q']}{REDACTED}"
+
+
 def is_secret_key(name: str) -> bool:
     """Whether an option of this name holds a secret."""
     lowered = name.lower()
@@ -163,7 +173,7 @@ def is_secret_key(name: str) -> bool:
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     """Remove URL passwords, ``password=...``-like values and every given secret string."""
     text = redact_url(text)
-    text = _KEY_VALUE.sub(lambda m: f"{m['key']}{m['quote']}{REDACTED}", text)
+    text = _KEY_VALUE.sub(_redact_match, text)
     for secret in secrets:
         if secret and len(secret) >= 3:
             text = text.replace(secret, REDACTED)
