@@ -82,6 +82,9 @@ def check(path: str, kind: str | None = None) -> tuple[str, Any]:
     if kind == "dispatcher":
         from trollmoves.dispatcher import read_config  # rules, aliases and conditions too
         return kind, read_config(path)
+    if kind == "fetcher":
+        from trollmoves.fetcher import read_config as read_fetcher  # and per-host options
+        return kind, read_fetcher(path)
     return kind, read_yaml(path, kind)
 
 
