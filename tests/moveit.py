@@ -4,18 +4,22 @@ Used by the end-to-end tests and the benchmarks. Each process is a
 :class:`tests.servers.ManagedServer`: its output goes to a log file, readiness is a log line,
 ``stop()`` sends SIGTERM and ``kill()`` SIGKILL. :class:`Listener` subscribes to publishers and
 keeps every posttroll message, and knows when its connections are up (socket monitor), so no
-test has to sleep to get around the PUB/SUB slow-joiner problem.
+test has to sleep to get around the PUB/SUB slow-joiner problem. :class:`FakeServer` stands in
+for a server whose every reply the test decides (late, never, or at once).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from posttroll.message import Message
 from zmq.utils.monitor import recv_monitor_message
 
 from tests.servers import HOST, ManagedServer, free_port
-from trollmoves.subscription import posttroll_topic
+from trollmoves.subscription import Waker, posttroll_topic
 
 #: trollmoves 0.19 in its own virtual environment (never imported, only run).
 REFERENCE = Path(os.environ.get("TROLLMOVES_REFERENCE_VENV", "/opt/trollmoves019"))
@@ -309,3 +313,150 @@ def ports(count: int) -> list[int]:
     while len(found) < count:
         found.add(free_port())
     return sorted(found)
+
+
+class Clock:
+    """A hand-driven monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on."""
+        self.now += seconds
+
+
+def announcement(uid: str = "H-000-MSG4-202611211000-__", server: str = "127.0.0.1:9",
+                 **extra: Any) -> Message:
+    """A server's ``file`` announcement of ``uid`` on ``/1b/hrit``."""
+    data = {"sensor": "seviri", "platform_name": "MSG4", "uri": f"/src/{uid}", "uid": uid,
+            "request_address": server, **extra}
+    return Message("/1b/hrit", "file", data)
+
+
+def push_ok(request: Message) -> Message:
+    """Reply like a server that delivered the file (and answers other requests in kind)."""
+    if request.type == "push":
+        return Message(request.subject, "file", {**request.data, "destination": "x"})
+    if request.type == "ping":
+        return Message(request.subject, "pong", {"station": "fake"})
+    return Message(request.subject, request.type, request.data)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A request the fake server has not answered (yet)."""
+
+    identity: bytes
+    request: Message
+
+
+class FakeServer:
+    """A posttroll-speaking server in a thread: XPUB for announcements, ROUTER for requests.
+
+    ``handler(request)`` returns the reply, or None to hold the request (see :attr:`held` and
+    :meth:`reply`). Every socket is used by the server's thread only; other threads hand it
+    their work through a queue and a :class:`~trollmoves.subscription.Waker`.
+    """
+
+    def __init__(self, handler: Callable[[Message], Message | None] = push_ok) -> None:
+        self.ctx = zmq.Context.instance()
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscriptions, not one
+        self.pub_port = self.pub.bind_to_random_port(f"tcp://{HOST}")
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.req_port = self.router.bind_to_random_port(f"tcp://{HOST}")
+        self.handler = handler
+        self.requests: list[Message] = []
+        self.held: list[Held] = []
+        self.subscriptions: list[bytes] = []
+        self._lock = threading.Lock()
+        self._work: queue.SimpleQueue[tuple[zmq.Socket, list[bytes]]] = queue.SimpleQueue()
+        self._poller = zmq.Poller()
+        self._waker = Waker(self._poller)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def request_address(self) -> str:
+        """``host:port`` of the request socket."""
+        return f"{HOST}:{self.req_port}"
+
+    def _serve(self) -> None:
+        self._poller.register(self.router, zmq.POLLIN)
+        self._poller.register(self.pub, zmq.POLLIN)
+        while not self._stop.is_set():
+            ready = dict(self._poller.poll())
+            self._waker.clear(ready)
+            while not self._work.empty():
+                sock, frames = self._work.get()
+                sock.send_multipart(frames)
+            if self.pub in ready:
+                with self._lock:
+                    self.subscriptions.append(self.pub.recv())
+            if self.router in ready:
+                self._answer(*self.router.recv_multipart())
+        self._waker.close()
+        self.pub.close(0)
+        self.router.close(0)
+
+    def _answer(self, identity: bytes, empty: bytes, payload: bytes) -> None:
+        request = Message(rawstr=payload)
+        with self._lock:
+            self.requests.append(request)
+        reply = self.handler(request)
+        if reply is None:
+            with self._lock:
+                self.held.append(Held(identity, request))
+        else:
+            self.router.send_multipart([identity, empty, reply.encode().encode()])
+
+    def _hand_over(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        self._work.put((sock, frames))
+        self._waker.wake()
+
+    def reply(self, held: Held, reply: Message) -> None:
+        """Answer a held request now (any thread)."""
+        with self._lock:
+            self.held.remove(held)
+        self._hand_over(self.router, [held.identity, b"", reply.encode().encode()])
+
+    def publish(self, message: Message) -> Message:
+        """Publish ``message`` (any thread); return it."""
+        self._hand_over(self.pub, [message.encode().encode()])
+        return message
+
+    def publish_raw(self, raw: bytes) -> None:
+        """Publish bytes as they are (any thread)."""
+        self._hand_over(self.pub, [raw])
+
+    def announce(self, uid: str, request_address: str | None = None, **extra: Any) -> Message:
+        """Announce ``uid``, to be requested from this server (or ``request_address``)."""
+        return self.publish(announcement(uid, request_address or self.request_address, **extra))
+
+    def subscribers(self, topic: str) -> int:
+        """How many subscriptions to ``topic`` (a posttroll subject) have arrived."""
+        wanted = posttroll_topic(topic).encode()
+        with self._lock:
+            return sum(1 for s in self.subscriptions
+                       if s[:1] == b"\x01" and wanted.startswith(s[1:]))
+
+    def subscribed(self, topic: str) -> bool:
+        """True once somebody subscribed to ``topic``."""
+        return self.subscribers(topic) > 0
+
+    def requested(self, kind: str) -> list[str]:
+        """The ``uid`` of every request of type ``kind`` so far, in order."""
+        with self._lock:
+            return [r.data.get("uid") for r in self.requests
+                    if r.type == kind and isinstance(r.data, dict)]
+
+    def close(self) -> None:
+        """Stop the thread and close the sockets."""
+        self._stop.set()
+        self._waker.wake()
+        self._thread.join()

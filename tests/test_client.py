@@ -1,7 +1,6 @@
 """Unit tests of the client: duplicates, hot spare, destinations, messages, rewriting, REQ side.
 
-The last tests run a :class:`ClientSection` in-process against a fake server made of an XPUB
-socket (so the test knows when the client's subscription has arrived) and a ROUTER socket.
+A whole :class:`~trollmoves.client.ClientSection` against fake servers: test_client_section.py.
 """
 
 from __future__ import annotations
@@ -9,22 +8,19 @@ from __future__ import annotations
 import bz2
 import datetime as dt
 import io
-import logging
 import os
 import socket
 import tarfile
 import threading
-import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import zmq
 from posttroll.message import Message
 
-from tests.moveit import DEADLINE, Listener, wait_for
+from tests.moveit import Clock, announcement
 from trollmoves import unpack
-from trollmoves.client import ClientSection, ClientSettings
+from trollmoves.client import ClientSettings
 from trollmoves.config import read_ini
 from trollmoves.delivery import (
     DeliveryError,
@@ -39,39 +35,13 @@ from trollmoves.delivery import (
 from trollmoves.hotspare import Action, DoneCache, State, Tracker, file_key
 from trollmoves.requester import (
     Requester,
-    RequesterPool,
     RequestError,
-    RequestMultiplexer,
     RequestTimeout,
-    tcp_address,
 )
 from trollmoves.subscription import (
-    HEARTBEAT_TOPIC,
-    SubscriptionSet,
     parse_providers,
     posttroll_topic,
 )
-
-
-class Clock:
-    """A hand-driven monotonic clock."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def announcement(uid: str = "H-000-MSG4-202611211000-__", server: str = "127.0.0.1:9",
-                 **extra: Any) -> Message:
-    data = {"sensor": "seviri", "platform_name": "MSG4", "uri": f"/src/{uid}", "uid": uid,
-            "request_address": server, **extra}
-    return Message("/1b/hrit", "file", data)
-
 
 # ------------------------------------------------------------------------------------ hotspare
 
@@ -360,89 +330,6 @@ def test_unpacking_needs_the_file_on_this_machine() -> None:
 
 # ---------------------------------------------------------------------------------- requester
 
-class FakeServer:
-    """A posttroll-speaking server: XPUB for announcements, ROUTER for requests."""
-
-    def __init__(self, handler: Callable[[Message], Message | None]) -> None:
-        self.ctx = zmq.Context.instance()
-        self.pub = self.ctx.socket(zmq.XPUB)
-        self.pub_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.req_port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.handler = handler
-        self.requests: list[Message] = []
-        self.subscriptions: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def request_address(self) -> str:
-        return f"127.0.0.1:{self.req_port}"
-
-    def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self.pub, zmq.POLLIN)
-        while not self._stop.is_set():
-            for sock, _ in poller.poll(20):
-                if sock is self.pub:
-                    self.subscriptions.append(self.pub.recv())
-                    continue
-                address, empty, payload = self.router.recv_multipart()
-                request = Message(rawstr=payload)
-                self.requests.append(request)
-                reply = self.handler(request)
-                if reply is not None:
-                    self.router.send_multipart([address, empty, reply.encode().encode()])
-        self.pub.close(0)
-        self.router.close(0)
-
-    def subscribed(self, topic: str) -> bool:
-        return any(s[:1] == b"\x01" and posttroll_topic(topic).encode().startswith(s[1:])
-                   for s in self.subscriptions)
-
-    def announce(self, uid: str) -> Message:
-        message = announcement(uid, self.request_address)
-        self.pub.send_string(message.encode())
-        return message
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def push_ok(request: Message) -> Message:
-    """Reply like a server that delivered the file."""
-    if request.type == "push":
-        return Message(request.subject, "file", {**request.data, "destination": "x"})
-    return Message(request.subject, request.type, request.data)
-
-
-@pytest.fixture
-def fake_server() -> Iterator[Callable[..., FakeServer]]:
-    started: list[FakeServer] = []
-
-    def start(handler: Callable[[Message], Message | None] = push_ok) -> FakeServer:
-        server = FakeServer(handler)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.close()
-
-
-def test_requester_gets_the_reply(fake_server: Callable[..., FakeServer]) -> None:
-    server = fake_server(lambda req: Message(req.subject, "pong", {"station": "here"}))
-    requester = Requester(server.request_address)
-    for _ in range(3):  # the socket is reused
-        reply = requester.request(Message("/t", "ping", {}), timeout=5)
-        assert reply.type == "pong" and reply.data == {"station": "here"}
-    requester.close()
-    assert tcp_address("h:1") == "tcp://h:1"
-
-
 def test_a_timed_out_socket_is_discarded_so_a_late_reply_is_never_taken() -> None:
     router = zmq.Context.instance().socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
@@ -481,199 +368,8 @@ def test_a_garbage_reply_is_an_error() -> None:
     router.close(0)
 
 
-def test_multiplexer_delivers_replies_and_times_out_without_reuse(
-        fake_server: Callable[..., FakeServer]) -> None:
-    def answer(request: Message) -> Message | None:
-        return None if request.data.get("n") == 1 else Message("/t", "pong", request.data)
-
-    server = fake_server(answer)
-    poller = zmq.Poller()
-    pool = RequesterPool()
-    clock = Clock()
-    mux = RequestMultiplexer(pool, poller, clock=lambda: clock.now)
-    results: dict[int, Any] = {}
-    for n in (1, 2, 3):
-        mux.send(server.request_address, Message("/t", "ping", {"n": n}), 5,
-                 lambda reply, error, n=n: results.__setitem__(n, reply or error))
-    assert len(mux) == 3 and mux.next_deadline() == clock.now + 5
-    deadline = time.monotonic() + DEADLINE
-    while len(results) < 2 and time.monotonic() < deadline:
-        mux.handle(dict(poller.poll(50)))
-    assert results[2].data == {"n": 2} and results[3].data == {"n": 3}
-    clock.advance(5)
-    mux.expire()
-    assert isinstance(results[1], RequestTimeout) and len(mux) == 0
-    assert mux.next_deadline() is None
-    with pytest.raises(ValueError):
-        mux.send("no-port", Message("/t", "ping", {}), 1, lambda reply, error: None)
-    mux.close()
-    pool.close()
-
-
-# --------------------------------------------------------------------------- client section
-
-@pytest.fixture
-def section(tmp_path: Any) -> Iterator[Callable[..., ClientSection]]:
-    running: list[ClientSection] = []
-
-    def start(providers: list[str], **options: Any) -> ClientSection:
-        settings = ClientSettings(name="test", providers=tuple(providers),
-                                  destination=f"{tmp_path}/{{platform_name}}/", topic="/1b/hrit",
-                                  nameservers=False, **options)
-        client = ClientSection(settings)
-        client.start()
-        running.append(client)
-        return client
-
-    yield start
-    for client in running:
-        client.stop()
-        client.join(5)
-
-
-@pytest.fixture
-def watchers() -> Iterator[list[Listener]]:
-    made: list[Listener] = []
-    yield made
-    for listener in made:
-        listener.close()
-
-
-def _subscribed_watcher(client: ClientSection, servers: list[FakeServer],
-                        made: list[Listener]) -> Listener:
-    """A listener on the client's publisher, once the client is subscribed to ``servers``
-    and the listener to the client (a probe got through)."""
-    watcher = Listener([client.publisher.port_number])
-    made.append(watcher)
-    watcher.wait_connected()
-    for server in servers:
-        wait_for(lambda s=server: s.subscribed("/1b/hrit"), what="client subscription")
-    probe = Message("/probe", "beat", {})
-    wait_for(lambda: (client._publish(probe), watcher.drain(0.01))[1], what="watcher")
-    watcher.messages.clear()
-    return watcher
-
-
-def test_section_requests_once_from_the_first_server_and_acks_the_other(
-        watchers: list[Listener],
-        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
-        tmp_path: Any) -> None:
-    first, second = fake_server(), fake_server()
-    client = section([f"127.0.0.1:{first.pub_port}", f"127.0.0.1:{second.pub_port}"])
-    watcher = _subscribed_watcher(client, [first, second], watchers)
-    first.announce("a.h5")
-    wait_for(lambda: first.requests, what="push")
-    second.announce("a.h5")
-    messages = watcher.collect(lambda ms: any(m.type == "file" for m in ms))
-    assert [m.type for m in messages] == ["push", "ack", "file"]
-    wait_for(lambda: second.requests, what="ack to the second server")
-    assert [r.type for r in first.requests] == ["push"]
-    assert [r.type for r in second.requests] == ["ack"]
-    final = watcher.of_type("file")[0].data
-    assert final["uri"] == f"{tmp_path}/MSG4/a.h5" and final["origin"] == first.request_address
-    assert os.path.isdir(tmp_path / "MSG4")  # create_target_directory
-
-
-def test_a_refused_file_is_not_announced_and_the_section_goes_on(
-        watchers: list[Listener],
-        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
-        caplog: pytest.LogCaptureFixture) -> None:
-    def refuse_bad(request: Message) -> Message:
-        if request.data["uid"] == "bad":
-            return Message(request.subject, "err", "bad not reachable")
-        return push_ok(request)
-
-    server = fake_server(refuse_bad)
-    client = section([f"127.0.0.1:{server.pub_port}"])
-    watcher = _subscribed_watcher(client, [server], watchers)
-    with caplog.at_level(logging.ERROR, logger="trollmoves.client"):
-        server.announce("bad")
-        server.announce("good")
-        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
-    assert [m.data["uid"] for m in watcher.of_type("file")] == ["good"]
-    assert [m.data["uid"] for m in watcher.of_type("ack")] == ["good"]
-    assert "No transfer of bad" in caplog.text and "not reachable" in caplog.text
-
-
-def test_hot_spare_section_leaves_the_file_to_the_primary(
-        watchers: list[Listener],
-        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer]) -> None:
-    server = fake_server()
-    primary = fake_server()  # stands in for the primary client's publisher
-    spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
-                    processing_delay=0.5)
-    watcher = _subscribed_watcher(spare, [server, primary], watchers)
-    message = server.announce("a.h5")
-    primary.pub.send_string(Message("/1b/hrit", "push", message.data).encode())
-    primary.pub.send_string(Message("/1b/hrit", "ack", message.data).encode())
-    wait_for(lambda: spare.tracker.is_done(("a.h5",)), what="primary's ack")
-    server.announce("b.h5")  # nobody claims this one: the spare takes it after its delay
-    watcher.collect(lambda ms: any(m.type == "file" for m in ms))
-    assert [r.data["uid"] for r in server.requests] == ["b.h5"]
-
-
 def test_the_example_config_reads() -> None:
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "client.ini")
     sections = read_ini(path, "client")
     settings = [ClientSettings.from_section(name, s) for name, s in sections.items()]
     assert [s.compression for s in settings] == [None, "tar"]
-
-
-def test_hot_spare_section_takes_over_a_push_never_acked(
-        watchers: list[Listener],
-        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
-        caplog: pytest.LogCaptureFixture) -> None:
-    server = fake_server()
-    primary = fake_server()
-    spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
-                    processing_delay=0.5, transfer_req_timeout=0.3)
-    watcher = _subscribed_watcher(spare, [server, primary], watchers)
-    message = server.announce("a.h5")
-    primary.pub.send_string(Message("/1b/hrit", "push", message.data).encode())  # then dies
-    with caplog.at_level(logging.WARNING, logger="trollmoves.hotspare"):
-        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
-    assert [r.data["uid"] for r in server.requests] == ["a.h5"]
-    assert "taking over" in caplog.text
-
-
-def test_odd_announcements_are_logged_and_the_section_goes_on(
-        watchers: list[Listener],
-        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
-        caplog: pytest.LogCaptureFixture) -> None:
-    server = fake_server()
-    client = section([f"127.0.0.1:{server.pub_port}"])
-    watcher = _subscribed_watcher(client, [server], watchers)
-    odd = [Message("/1b/hrit", "file", "just text"),
-           Message("/1b/hrit", "file", {"uid": "a", "uri": "/a", "request_address": "noport"}),
-           Message("/1b/hrit", "file", {"uid": "b", "uri": "/b", "request_address": 12}),
-           Message("/1b/hrit", "file", {"uid": "c", "request_address": "bad host:x"}),
-           Message("/1b/hrit", "dataset", {"dataset": "not a list", "request_address": "h:1"})]
-    with caplog.at_level(logging.ERROR):
-        for message in odd:
-            server.pub.send_string(message.encode())
-        server.pub.send(b"not posttroll at all")
-        server.announce("good")
-        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
-    assert [m.data["uid"] for m in watcher.of_type("file")] == ["good"]
-    assert "Cannot request a" in caplog.text and "Cannot request b" in caplog.text
-
-
-def test_a_silent_provider_is_resubscribed(fake_server: Callable[..., FakeServer]) -> None:
-    server = fake_server()
-    clock = Clock()
-    poller = zmq.Poller()
-    providers = parse_providers([f"127.0.0.1:{server.pub_port}"], ["/1b/hrit", HEARTBEAT_TOPIC])
-    subscriptions = SubscriptionSet(providers, poller, alarm_scale=2, clock=clock)
-    wait_for(lambda: server.subscribed("/heartbeat/move_it_server"), what="subscription")
-    server.pub.send_string(Message("/heartbeat/move_it_server", "beat",
-                                   {"min_interval": 5}).encode())
-    wait_for(lambda: subscriptions.read(dict(poller.poll(50))), what="the beat")
-    assert subscriptions.next_check() == clock.now + 10  # 2 x the announced 5 s
-    clock.advance(9)
-    assert subscriptions.resubscribe_silent() == []
-    clock.advance(2)
-    before = len(server.subscriptions)
-    assert subscriptions.resubscribe_silent() == providers
-    wait_for(lambda: len(server.subscriptions) > before, what="a new subscription")
-    assert subscriptions.next_check() == clock.now + 10
-    subscriptions.close()

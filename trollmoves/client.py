@@ -309,12 +309,12 @@ class ClientSection:
 
     def _on_message(self, provider: Provider, message: Message) -> None:
         """Dispatch one received message (announcement, or another client's news)."""
-        if message.type not in FILE_TYPES and message.type not in {"push", "ack"}:
-            return
-        key = file_key(message.data)
-        if key is None:
-            return
         try:
+            if message.type not in FILE_TYPES and message.type not in {"push", "ack"}:
+                return
+            key = file_key(message.data)
+            if key is None:
+                return
             if message.type == "push":
                 self.tracker.peer_push(key)
             elif message.type == "ack" or "request_address" not in message.data:
@@ -322,8 +322,7 @@ class ClientSection:
             else:
                 self._on_announcement(key, message)
         except Exception:  # one odd message must not stop the section
-            LOG.exception("Cannot handle a %s message about %s from %s", message.type, key[0],
-                          provider.address)
+            LOG.exception("Cannot handle a %s message from %s", message.type, provider.address)
 
     def _on_announcement(self, key: FileKey, message: Message) -> None:
         action = self.tracker.announce(key, message)

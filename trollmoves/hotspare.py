@@ -42,15 +42,18 @@ DEFAULT_CACHE_AGE = 24 * 3600.0
 
 
 def _uids(data: Any) -> Iterator[str]:
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            if key == "uid" and isinstance(value, str):
-                yield value
-            elif isinstance(value, Mapping | list):
-                yield from _uids(value)
-    elif isinstance(data, list):
-        for item in data:
-            yield from _uids(item)
+    """Every string ``uid`` anywhere in ``data`` (without recursion: data may nest deep)."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Mapping):
+            for key, value in item.items():
+                if key == "uid" and isinstance(value, str):
+                    yield value
+                elif isinstance(value, Mapping | list):
+                    pending.append(value)
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def file_key(data: Any) -> FileKey | None:

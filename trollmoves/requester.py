@@ -76,8 +76,11 @@ class Requester:
                 raise RequestError(f"requester for {self.address} is closed")
             if self._idle:
                 return self._idle.pop()
-        return set_up_client_socket(zmq.REQ, self.address,
-                                    {zmq.MAXMSGSIZE: MAX_REPLY_BYTES, zmq.LINGER: 0})
+        try:
+            return set_up_client_socket(zmq.REQ, self.address,
+                                        {zmq.MAXMSGSIZE: MAX_REPLY_BYTES, zmq.LINGER: 0})
+        except zmq.ZMQError as err:  # an address ZeroMQ cannot connect to ("bad host:x")
+            raise RequestError(f"cannot connect to {self.address}: {err}") from None
 
     def release(self, sock: zmq.Socket) -> None:
         """Return a socket whose request got its reply, for reuse."""
@@ -194,9 +197,6 @@ class RequestMultiplexer:
             sock = requester.acquire()
         except RequestError as err:
             callback(None, err)
-            return
-        except zmq.ZMQError as err:  # an address ZeroMQ cannot connect to
-            callback(None, RequestError(f"cannot connect to {requester.address}: {err}"))
             return
         try:
             text = message if isinstance(message, str) else message.encode()

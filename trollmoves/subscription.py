@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 from posttroll.backends.zmq.socket import set_up_client_socket
-from posttroll.message import _MAGICK, Message, MessageError
+from posttroll.message import _MAGICK, Message
 
 LOG = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ class SubscriptionSet:
     def _decode(self, raw: bytes, feed: _Feed) -> Message | None:
         try:
             return Message(rawstr=raw)
-        except (MessageError, ValueError, TypeError, UnicodeDecodeError) as err:
-            LOG.warning("Dropped a message from %s that is not a posttroll message (%s): %r",
-                        feed.provider.address, err, raw[:80])
+        except Exception as err:  # noqa: BLE001 - garbage raises many kinds (RecursionError...)
+            LOG.warning("Dropped a message from %s that is not a posttroll message (%s: %.200s)"
+                        ": %r", feed.provider.address, type(err).__name__, err, raw[:80])
             return None
 
     def _seen(self, feed: _Feed, message: Message, now: float) -> None:

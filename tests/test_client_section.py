@@ -1,0 +1,286 @@
+"""A whole client section in-process against fake servers (real ZeroMQ sockets in threads).
+
+Each fake server is an XPUB socket (so the test knows when the client's subscription has
+arrived) and a ROUTER socket whose replies the test decides: at once, late, or never. Waits are
+on messages, log lines and sockets; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+from posttroll.message import Message
+
+from tests.moveit import (
+    DEADLINE,
+    Clock,
+    FakeServer,
+    Listener,
+    push_ok,
+    wait_for,
+)
+from trollmoves.client import ClientSection, ClientSettings
+from trollmoves.requester import (
+    Requester,
+    RequesterPool,
+    RequestError,
+    RequestMultiplexer,
+    RequestTimeout,
+    tcp_address,
+)
+from trollmoves.subscription import HEARTBEAT_TOPIC, SubscriptionSet, parse_providers
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[..., FakeServer]]:
+    started: list[FakeServer] = []
+
+    def start(handler: Callable[[Message], Message | None] = push_ok) -> FakeServer:
+        server = FakeServer(handler)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def test_requester_gets_the_reply(fake_server: Callable[..., FakeServer]) -> None:
+    server = fake_server(lambda req: Message(req.subject, "pong", {"station": "here"}))
+    requester = Requester(server.request_address)
+    for _ in range(3):  # the socket is reused
+        reply = requester.request(Message("/t", "ping", {}), timeout=5)
+        assert reply.type == "pong" and reply.data == {"station": "here"}
+    requester.close()
+    assert tcp_address("h:1") == "tcp://h:1"
+
+
+def test_multiplexer_delivers_replies_and_times_out_without_reuse(
+        fake_server: Callable[..., FakeServer]) -> None:
+    def answer(request: Message) -> Message | None:
+        return None if request.data.get("n") == 1 else Message("/t", "pong", request.data)
+
+    server = fake_server(answer)
+    poller = zmq.Poller()
+    pool = RequesterPool()
+    clock = Clock()
+    mux = RequestMultiplexer(pool, poller, clock=lambda: clock.now)
+    results: dict[int, Any] = {}
+    for n in (1, 2, 3):
+        mux.send(server.request_address, Message("/t", "ping", {"n": n}), 5,
+                 lambda reply, error, n=n: results.__setitem__(n, reply or error))
+    assert len(mux) == 3 and mux.next_deadline() == clock.now + 5
+    deadline = time.monotonic() + DEADLINE
+    while len(results) < 2 and time.monotonic() < deadline:
+        mux.handle(dict(poller.poll(50)))
+    assert results[2].data == {"n": 2} and results[3].data == {"n": 3}
+    clock.advance(5)
+    mux.expire()
+    assert isinstance(results[1], RequestTimeout) and len(mux) == 0
+    assert mux.next_deadline() is None
+    with pytest.raises(ValueError):
+        mux.send("no-port", Message("/t", "ping", {}), 1, lambda reply, error: None)
+    mux.close()
+    pool.close()
+
+
+@pytest.fixture
+def section(tmp_path: Any) -> Iterator[Callable[..., ClientSection]]:
+    running: list[ClientSection] = []
+
+    def start(providers: list[str], **options: Any) -> ClientSection:
+        settings = ClientSettings(name="test", providers=tuple(providers),
+                                  destination=f"{tmp_path}/{{platform_name}}/", topic="/1b/hrit",
+                                  nameservers=False, **options)
+        client = ClientSection(settings)
+        client.start()
+        running.append(client)
+        return client
+
+    yield start
+    for client in running:
+        client.stop()
+        client.join(5)
+
+
+@pytest.fixture
+def watchers() -> Iterator[list[Listener]]:
+    made: list[Listener] = []
+    yield made
+    for listener in made:
+        listener.close()
+
+
+def _subscribed_watcher(client: ClientSection, servers: list[FakeServer],
+                        made: list[Listener]) -> Listener:
+    """A listener on the client's publisher, once the client is subscribed to ``servers``
+    and the listener to the client (a probe got through)."""
+    watcher = Listener([client.publisher.port_number])
+    made.append(watcher)
+    watcher.wait_connected()
+    for server in servers:
+        wait_for(lambda s=server: s.subscribed("/1b/hrit"), what="client subscription")
+    probe = Message("/probe", "beat", {})
+    wait_for(lambda: (client._publish(probe), watcher.drain(0.01))[1], what="watcher")
+    watcher.messages.clear()
+    return watcher
+
+
+def test_section_requests_once_from_the_first_server_and_acks_the_other(
+        watchers: list[Listener],
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
+        tmp_path: Any) -> None:
+    first, second = fake_server(), fake_server()
+    client = section([f"127.0.0.1:{first.pub_port}", f"127.0.0.1:{second.pub_port}"])
+    watcher = _subscribed_watcher(client, [first, second], watchers)
+    first.announce("a.h5")
+    wait_for(lambda: first.requests, what="push")
+    second.announce("a.h5")
+    messages = watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [m.type for m in messages] == ["push", "ack", "file"]
+    wait_for(lambda: second.requests, what="ack to the second server")
+    assert [r.type for r in first.requests] == ["push"]
+    assert [r.type for r in second.requests] == ["ack"]
+    final = watcher.of_type("file")[0].data
+    assert final["uri"] == f"{tmp_path}/MSG4/a.h5" and final["origin"] == first.request_address
+    assert os.path.isdir(tmp_path / "MSG4")  # create_target_directory
+
+
+def test_a_refused_file_is_not_announced_and_the_section_goes_on(
+        watchers: list[Listener],
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    def refuse_bad(request: Message) -> Message:
+        if request.data["uid"] == "bad":
+            return Message(request.subject, "err", "bad not reachable")
+        return push_ok(request)
+
+    server = fake_server(refuse_bad)
+    client = section([f"127.0.0.1:{server.pub_port}"])
+    watcher = _subscribed_watcher(client, [server], watchers)
+    with caplog.at_level(logging.ERROR, logger="trollmoves.client"):
+        server.announce("bad")
+        server.announce("good")
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [m.data["uid"] for m in watcher.of_type("file")] == ["good"]
+    assert [m.data["uid"] for m in watcher.of_type("ack")] == ["good"]
+    assert "No transfer of bad" in caplog.text and "not reachable" in caplog.text
+
+
+def test_hot_spare_section_leaves_the_file_to_the_primary(
+        watchers: list[Listener],
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer]) -> None:
+    server = fake_server()
+    primary = fake_server()  # stands in for the primary client's publisher
+    spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
+                    processing_delay=0.5)
+    watcher = _subscribed_watcher(spare, [server, primary], watchers)
+    message = server.announce("a.h5")
+    primary.publish(Message("/1b/hrit", "push", message.data))
+    primary.publish(Message("/1b/hrit", "ack", message.data))
+    wait_for(lambda: spare.tracker.is_done(("a.h5",)), what="primary's ack")
+    server.announce("b.h5")  # nobody claims this one: the spare takes it after its delay
+    watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [r.data["uid"] for r in server.requests] == ["b.h5"]
+
+
+def test_hot_spare_section_takes_over_a_push_never_acked(
+        watchers: list[Listener],
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = fake_server()
+    primary = fake_server()
+    spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
+                    processing_delay=0.5, transfer_req_timeout=0.3)
+    watcher = _subscribed_watcher(spare, [server, primary], watchers)
+    message = server.announce("a.h5")
+    primary.publish(Message("/1b/hrit", "push", message.data))  # then dies
+    with caplog.at_level(logging.WARNING, logger="trollmoves.hotspare"):
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [r.data["uid"] for r in server.requests] == ["a.h5"]
+    assert "taking over" in caplog.text
+
+
+def test_odd_announcements_are_logged_and_the_section_goes_on(
+        watchers: list[Listener],
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server = fake_server()
+    client = section([f"127.0.0.1:{server.pub_port}"])
+    watcher = _subscribed_watcher(client, [server], watchers)
+    odd = [Message("/1b/hrit", "file", "just text"),
+           Message("/1b/hrit", "file", {"uid": "a", "uri": "/a", "request_address": "noport"}),
+           Message("/1b/hrit", "file", {"uid": "b", "uri": "/b", "request_address": 12}),
+           Message("/1b/hrit", "file", {"uid": "c", "request_address": "bad host:x"}),
+           Message("/1b/hrit", "dataset", {"dataset": "not a list", "request_address": "h:1"})]
+    with caplog.at_level(logging.ERROR):
+        for message in odd:
+            server.publish(message)
+        server.publish_raw(b"not posttroll at all")
+        server.announce("good")
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [m.data["uid"] for m in watcher.of_type("file")] == ["good"]
+    assert "Cannot request a" in caplog.text and "Cannot request b" in caplog.text
+
+
+def test_a_silent_provider_is_resubscribed(fake_server: Callable[..., FakeServer]) -> None:
+    server = fake_server()
+    clock = Clock()
+    poller = zmq.Poller()
+    providers = parse_providers([f"127.0.0.1:{server.pub_port}"], ["/1b/hrit", HEARTBEAT_TOPIC])
+    subscriptions = SubscriptionSet(providers, poller, alarm_scale=2, clock=clock)
+    wait_for(lambda: server.subscribed("/heartbeat/move_it_server"), what="subscription")
+    server.publish(Message("/heartbeat/move_it_server", "beat", {"min_interval": 5}))
+    wait_for(lambda: subscriptions.read(dict(poller.poll(50))), what="the beat")
+    assert subscriptions.next_check() == clock.now + 10  # 2 x the announced 5 s
+    clock.advance(9)
+    assert subscriptions.resubscribe_silent() == []
+    clock.advance(2)
+    before = len(server.subscriptions)
+    assert subscriptions.resubscribe_silent() == providers
+    wait_for(lambda: len(server.subscriptions) > before, what="a new subscription")
+    assert subscriptions.next_check() == clock.now + 10
+    subscriptions.close()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+NESTED_JSON = b"[" * 100_000 + b"]" * 100_000  # 200 KB: RecursionError inside posttroll
+
+
+def test_undecodable_messages_and_bad_addresses_leave_the_section_serving(
+        watchers: list[Listener], section: Callable[..., ClientSection],
+        fake_server: Callable[..., FakeServer], caplog: pytest.LogCaptureFixture) -> None:
+    server = fake_server()
+    client = section([f"127.0.0.1:{server.pub_port}"])
+    watcher = _subscribed_watcher(client, [server], watchers)
+    header = (b"pytroll://1b/hrit file someone@host 2026-11-21T10:00:00.000000 v1.01 "
+              b"application/json ")
+    with caplog.at_level(logging.WARNING):
+        server.publish_raw(header + NESTED_JSON)
+        server.publish_raw(header + b'{"uid": ' * 50_000 + b"1" + b"}" * 50_000)
+        server.publish_raw(random.Random(5).randbytes(4096))
+        server.announce("bad-host", request_address="bad host:99")
+        server.announce("bad-port", request_address="127.0.0.1:notaport")
+        server.announce("good")
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert watcher.uids("file") == ["good"] and server.requested("push") == ["good"]
+    assert caplog.text.count("not a posttroll message (RecursionError") == 2
+    assert "No transfer of bad-host from bad host:99: cannot connect" in caplog.text
+    assert "No transfer of bad-port from 127.0.0.1:notaport: cannot connect" in caplog.text
+
+
+def test_a_malformed_request_address_is_a_request_error_when_blocking_too() -> None:
+    pool = RequesterPool()
+    try:
+        with pytest.raises(RequestError, match="cannot connect to tcp://bad host:99"):
+            pool.request("bad host:99", Message("/t", "ping", {}), 1)
+    finally:
+        pool.close()
