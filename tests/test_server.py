@@ -211,6 +211,67 @@ def test_handler_failure_still_gets_a_reply(request_server: tuple[RequestServer,
     client.close()
 
 
+class BlockingHandler:
+    """Holds every push until released; counts the pushes it was given."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.handled = 0
+
+    def __call__(self, message: Message) -> Message:
+        self.handled += 1
+        self.entered.release()
+        self.release.wait(DEADLINE)
+        return Message(message.subject, "file", message.data)
+
+
+def start_blocking_server(**options: Any) -> tuple[RequestServer, BlockingHandler]:
+    handler = BlockingHandler()
+    server = RequestServer("test", free_port(), handler, lambda m: m.type == "push", workers=1,
+                           **options)
+    server.start()
+    return server, handler
+
+
+def test_busy_reply_when_too_many_pushes_wait() -> None:
+    server, handler = start_blocking_server(max_pending=2)
+    clients = [Requester(server.port) for _ in range(3)]
+    replies: dict[int, Message] = {}
+    threads = [threading.Thread(target=lambda i=i: replies.update({i: clients[i]("push")}))
+               for i in range(2)]
+    try:
+        threads[0].start()
+        assert handler.entered.acquire(timeout=DEADLINE)  # the only worker is busy
+        threads[1].start()  # waits for the worker
+        wait_for(lambda: server.pending == 2, DEADLINE)
+        busy = clients[2]("push")  # answered at once, while the others still wait
+        assert (busy.type, busy.data) == ("err", "server busy, retry later")
+    finally:
+        handler.release.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        server.stop()
+        server.join(DEADLINE)
+        for client in clients:
+            client.close()
+    assert [replies[i].type for i in range(2)] == ["file", "file"]
+    assert handler.handled == 2
+
+
+def test_push_that_waited_too_long_is_not_handled() -> None:
+    server, handler = start_blocking_server(expire_after=0)
+    client = Requester(server.port)
+    try:
+        reply = client("push", {"uri": "/a"})
+        assert reply.type == "err" and reply.data.startswith("server busy, retry later")
+        assert handler.handled == 0
+    finally:
+        server.stop()
+        server.join(DEADLINE)
+        client.close()
+
+
 @pytest.mark.parametrize(("frames", "problem"), [
     ([b"", b"\x00\xff random \x80 bytes"], "not a posttroll message"),
     ([b"", b"GET / HTTP/1.1"], "not a posttroll message"),
@@ -311,6 +372,13 @@ def test_section_announces_and_serves(sections: list[Section], tmp_path: Path) -
         assert src.exists()  # delete is not set
     finally:
         client.close()
+
+
+def test_push_retries_end_before_the_requester_gives_up(sections: list[Section],
+                                                      tmp_path: Path) -> None:
+    section, _ = start_section(sections, tmp_path, transfer_req_timeout=4)
+    assert section.retry.budget < section.transfer_req_timeout == 4
+    assert section.requests is not None and section.requests.expire_after == 4
 
 
 def test_push_path_checks(sections: list[Section], tmp_path: Path) -> None:

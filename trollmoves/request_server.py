@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,6 +31,9 @@ HARD_REQUEST_LIMIT = 16 * 1024 * 1024
 REPLY_LINGER_MS = 1000
 #: Pushes served at once per section.
 TRANSFER_WORKERS = 8
+#: Slow requests accepted per worker (running or waiting); more get a "busy" reply at once.
+PENDING_PER_WORKER = 4
+BUSY = "server busy, retry later"
 
 
 class RequestServer:
@@ -39,17 +43,27 @@ class RequestServer:
     of ``workers`` threads, others are answered at once. One thread owns the ROUTER socket; the
     pool hands replies back to it over an inproc socket. Malformed input (wrong frames, not a
     posttroll message, larger than ``max_bytes``) gets an ``err`` reply and a log line.
+
+    At most ``max_pending`` slow requests (default ``PENDING_PER_WORKER`` per worker) run or wait
+    at a time; more are answered ``err`` "server busy, retry later" at once. A slow request that
+    waited ``expire_after`` seconds or more for a worker is answered ``err`` without being
+    handled: its requester has given up by then, and a file copied for nobody would either
+    land unannounced or be delivered twice when the request is repeated.
     :meth:`stop` stops reading requests; :meth:`join` waits for the replies in flight.
     """
 
     def __init__(self, name: str, port: int, handle: Callable[[Message], Message],
                  is_slow: Callable[[Message], bool], *, workers: int = TRANSFER_WORKERS,
+                 max_pending: int | None = None, expire_after: float | None = None,
                  max_bytes: int = MAX_REQUEST_BYTES) -> None:
         self.name = name
         self.port = port
         self.handle = handle
         self.is_slow = is_slow
         self.max_bytes = max_bytes
+        self.max_pending = max_pending if max_pending is not None else PENDING_PER_WORKER * workers
+        self.expire_after = expire_after
+        self._in_flight = 0  # slow requests running or waiting; used by the socket thread only
         self._inproc = f"inproc://trollmoves-replies-{id(self)}"
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"push-{name}")
         self._local = threading.local()
@@ -68,6 +82,11 @@ class RequestServer:
         self._thread.start()
         LOG.info("%s: serving requests on port %d", self.name, self.port)
 
+    @property
+    def pending(self) -> int:
+        """Slow requests running or waiting for a worker."""
+        return self._in_flight
+
     def stop(self) -> None:
         """Stop reading requests (the thread finishes the ones in flight)."""
         if self._thread.is_alive():
@@ -84,10 +103,9 @@ class RequestServer:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._replies, zmq.POLLIN)
-        in_flight = 0
         draining = False
         try:
-            while not (draining and in_flight == 0):
+            while not (draining and self._in_flight == 0):
                 for sock, _ in poller.poll():
                     if sock is self._replies:
                         frames = self._replies.recv_multipart()
@@ -95,10 +113,10 @@ class RequestServer:
                             draining = True
                             poller.unregister(self._router)
                         else:
-                            in_flight -= 1
+                            self._in_flight -= 1
                             self._router.send_multipart(frames)
                     elif not draining:
-                        in_flight += self._receive()
+                        self._receive()
         except Exception:
             LOG.exception("%s: the request loop failed", self.name)
         finally:
@@ -108,8 +126,8 @@ class RequestServer:
             # the last replies may leave; a restarted section can then bind the port at once
             close_and_wait(self._router, linger=REPLY_LINGER_MS)
 
-    def _receive(self) -> int:
-        """Read one request; answer it or hand it to the pool. Returns 1 when handed over."""
+    def _receive(self) -> None:
+        """Read one request; answer it or hand it to the pool."""
         assert self._router is not None
         frames = self._router.recv_multipart(copy=False)
         identity = frames[0].bytes
@@ -119,14 +137,14 @@ class RequestServer:
                         "one message", self.name, peer, len(frames) - 1)
             self._reply_now(identity, announce.error_reply(
                 "", "invalid request: expected exactly one message frame"))
-            return 0
+            return
         payload = frames[2].bytes
         if len(payload) > self.max_bytes:
             LOG.warning("%s: refused a request from %s: %d bytes, more than %d", self.name, peer,
                         len(payload), self.max_bytes)
             self._reply_now(identity, announce.error_reply(
                 "", f"request too large ({len(payload)} bytes, at most {self.max_bytes})"))
-            return 0
+            return
         try:
             message = Message(rawstr=payload.decode("utf-8"))
         except Exception as err:  # noqa: BLE001 - posttroll raises many kinds on garbage
@@ -134,12 +152,16 @@ class RequestServer:
                         self.name, peer, type(err).__name__, payload[:80])
             self._reply_now(identity, announce.error_reply(
                 "", "invalid request: not a posttroll message"))
-            return 0
-        if self.is_slow(message):
-            self._pool.submit(self._answer_later, identity, message)
-            return 1
-        self._reply_now(identity, self._answer(message))
-        return 0
+            return
+        if not self.is_slow(message):
+            self._reply_now(identity, self._answer(message))
+        elif self._in_flight >= self.max_pending:
+            LOG.warning("%s: busy, refused a %s request from %s: %d already running or waiting",
+                        self.name, message.type, peer, self._in_flight)
+            self._reply_now(identity, announce.error_reply(message.subject, BUSY))
+        else:
+            self._in_flight += 1
+            self._pool.submit(self._answer_later, identity, message, time.monotonic())
 
     def _reply_now(self, identity: bytes, reply: Message) -> None:
         assert self._router is not None
@@ -153,8 +175,15 @@ class RequestServer:
             LOG.exception("%s: failed to handle a %s request", self.name, message.type)
             return announce.error_reply(message.subject, f"server error: {type(err).__name__}")
 
-    def _answer_later(self, identity: bytes, message: Message) -> None:
-        reply = self._answer(message)
+    def _answer_later(self, identity: bytes, message: Message, received: float) -> None:
+        waited = time.monotonic() - received
+        if self.expire_after is not None and waited >= self.expire_after:
+            LOG.warning("%s: dropped a %s request that waited %.1f s for a worker; its requester "
+                        "has given up", self.name, message.type, waited)
+            reply = announce.error_reply(message.subject,
+                                         f"{BUSY} (the request waited {waited:.1f} s)")
+        else:
+            reply = self._answer(message)
         self._send_reply([identity, b"", reply.encode().encode()])
 
     def _send_reply(self, frames: list[bytes]) -> None:

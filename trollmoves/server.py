@@ -55,7 +55,7 @@ from trollmoves.messages import iter_files, local_path
 from trollmoves.removal import DelayedRemover, remove_file
 from trollmoves.request_server import RequestServer
 from trollmoves.service import ServiceRunner
-from trollmoves.transfer import interrupt_retries, transfer
+from trollmoves.transfer import RetryPolicy, interrupt_retries, transfer
 from trollmoves.urls import LOCAL_SCHEMES
 from trollmoves.watch import DEFAULT_POLL_INTERVAL, OriginPattern, OriginWatcher
 
@@ -67,6 +67,11 @@ HEARTBEAT_INTERVAL = 30.0
 #: Seconds subscribers get to (re)connect to a freshly started publisher before the backlog.
 PUBLISHER_GRACE = 1.0
 DEFAULT_REMOVE_DELAY = 30.0
+#: Seconds a requester waits for a push reply (``transfer_req_timeout``, as clients default).
+DEFAULT_TRANSFER_REQ_TIMEOUT = 10.0
+#: Share of ``transfer_req_timeout`` the copy engine may spend retrying a failing push, so
+#: the reply (``err``) still reaches the requester before it gives up.
+RETRY_SHARE = 0.5
 #: Seconds an unpacked copy nobody requested is kept (``unpacked_retention``).
 DEFAULT_UNPACKED_RETENTION = 600.0
 #: ``topic/uid`` entries kept for ``info`` replies (as trollmoves 0.19).
@@ -182,6 +187,9 @@ class Section:
         self.delete = bool(self.config.get("delete", False))
         self.remove_delay = float(self.config.get("remove_delay", DEFAULT_REMOVE_DELAY))
         self.retention = float(self.config.get("unpacked_retention", DEFAULT_UNPACKED_RETENTION))
+        self.transfer_req_timeout = float(self.config.get("transfer_req_timeout",
+                                                          DEFAULT_TRANSFER_REQ_TIMEOUT))
+        self.retry = RetryPolicy(budget=self.transfer_req_timeout * RETRY_SHARE)
         self.station = self.config.get("station")
         self.pattern: OriginPattern | None = None
         self.real_pattern: OriginPattern | None = None
@@ -204,7 +212,8 @@ class Section:
         self.archive_kind: str | None = None
         if self.config.get("request_port") is not None:
             self.requests = RequestServer(name, int(self.config["request_port"]), self.handle,
-                                          lambda message: message.type == "push")
+                                          lambda message: message.type == "push",
+                                          expire_after=self.transfer_req_timeout)
         else:
             self.archive_kind = self.config.get("unpack") or None
 
@@ -405,7 +414,8 @@ class Section:
         for path, rel_path in items:
             target = destination_for(destination, rel_path)
             try:
-                result = transfer(path, target, backup_hosts=backup_hosts, **self.connection)
+                result = transfer(path, target, backup_hosts=backup_hosts, retry=self.retry,
+                                  **self.connection)
             except TransferError as err:
                 LOG.error("%s: push of %s failed: %s", self.name, path, err)
                 return announce.error_reply(message.subject, str(err))
