@@ -25,6 +25,7 @@ from trollmoves.config import read_ini
 from trollmoves.delivery import (
     DeliveryError,
     Destination,
+    check_file_names,
     compose_destination,
     final_data,
     message_type,
@@ -180,6 +181,36 @@ def test_destination_is_composed_from_the_message() -> None:
         compose_destination("/dst/{orbit_number}/", data)
 
 
+@pytest.mark.parametrize(("template", "fields", "culprit"), [
+    ("/dst/{platform_name}/", {"platform_name": "../.."}, "platform_name = '../..'"),
+    ("file:///dst/{platform_name}/{sensor}/", {"platform_name": "a/../../etc", "sensor": "x"},
+     "platform_name = 'a/../../etc'"),
+    ("sftp://host/dst/x{sensor}/", {"sensor": "/%2e%2e/"}, "sensor = '/%2e%2e/'"),
+    ("/dst/{platform_name}.{sensor}/", {"platform_name": ".", "sensor": ""},
+     "platform_name, sensor"),
+])
+def test_a_destination_field_that_leaves_the_base_directory_is_refused(
+        template: str, fields: dict[str, str], culprit: str) -> None:
+    with pytest.raises(DeliveryError) as refused:
+        compose_destination(template, fields)
+    assert culprit in str(refused.value) and template.split("{")[0] in str(refused.value)
+
+
+def test_destination_fields_may_hold_dots_that_stay_inside() -> None:
+    data = {"platform_name": "..MSG4", "sensor": "a.b"}
+    assert compose_destination("/dst/{platform_name}/{sensor}/", data) == "/dst/..MSG4/a.b/"
+    assert compose_destination("/dst/../other/", data) == "/dst/../other/"  # the operator's
+
+
+@pytest.mark.parametrize("uid", ["../elsewhere/x.bz2", "/etc/x", "a/b", "..", "", 5, None])
+def test_a_uid_that_is_not_a_plain_file_name_is_refused(uid: Any) -> None:
+    with pytest.raises(DeliveryError, match="field uid"):
+        check_file_names({"uid": uid, "uri": "/src/x"})
+    with pytest.raises(DeliveryError, match="field uid"):
+        check_file_names({"dataset": [{"uid": "ok", "uri": "/s/ok"}, {"uid": uid}]})
+    check_file_names({"uid": "H-000-MSG4-202611211000-__", "uri": "/src/x"})
+
+
 def test_push_request_carries_login_and_the_published_copy_none() -> None:
     dest = Destination.parse("ftp://ftp.example.org:2121/dst/MSG4/")
     request, public = push_request(announcement(), dest, "user:pa:ss", ["backup1"])
@@ -321,6 +352,18 @@ def test_a_tar_with_parent_members_is_refused(tmp_path: Any) -> None:
     with pytest.raises(unpack.UnsafeArchiveError):
         unpack_files({"uid": "evil.tar"}, "tar", str(target), Destination.parse(str(target)))
     assert sorted(os.listdir(tmp_path)) == ["in"] and os.listdir(target) == ["evil.tar"]
+
+
+def test_unpacking_refuses_a_uid_that_leaves_the_directory(tmp_path: Any) -> None:
+    target, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    target.mkdir()
+    elsewhere.mkdir()
+    victim = elsewhere / "x.bz2"
+    victim.write_bytes(bz2.compress(b"not yours"))
+    with pytest.raises(unpack.UnpackError, match="not a plain file name"):
+        unpack_files({"uid": "../elsewhere/x.bz2"}, "bzip", str(target),
+                     Destination.parse(f"{target}/"), delete=True)
+    assert sorted(os.listdir(elsewhere)) == ["x.bz2"] and not os.listdir(target)
 
 
 def test_unpacking_needs_the_file_on_this_machine() -> None:

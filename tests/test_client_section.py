@@ -284,3 +284,20 @@ def test_a_malformed_request_address_is_a_request_error_when_blocking_too() -> N
             pool.request("bad host:99", Message("/t", "ping", {}), 1)
     finally:
         pool.close()
+
+
+def test_a_uid_or_a_destination_field_leaving_the_destination_is_not_requested(
+        watchers: list[Listener], section: Callable[..., ClientSection],
+        fake_server: Callable[..., FakeServer], caplog: pytest.LogCaptureFixture) -> None:
+    server = fake_server()
+    client = section([f"127.0.0.1:{server.pub_port}"])
+    watcher = _subscribed_watcher(client, [server], watchers)
+    with caplog.at_level(logging.ERROR):
+        server.announce("../elsewhere/x.bz2")
+        server.announce("a.h5", platform_name="../..")
+        server.announce("good")
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert server.requested("push") == ["good"] and watcher.uids("push") == ["good"]
+    assert "Cannot request ../elsewhere/x.bz2: field uid = '../elsewhere/x.bz2'" in caplog.text
+    assert "Cannot request a.h5: destination" in caplog.text
+    assert "platform_name = '../..'" in caplog.text

@@ -38,6 +38,7 @@ from trollmoves.delivery import (
     DeliveryError,
     Destination,
     ack_request,
+    check_file_names,
     compose_destination,
     final_data,
     message_type,
@@ -360,6 +361,7 @@ class ClientSection:
 
     def _push(self, key: FileKey, announcement: Message) -> None:
         s = self.settings
+        check_file_names(announcement.data)
         destination = Destination.parse(compose_destination(s.destination, announcement.data),
                                         s.ftp_root)
         local_dir = destination.local_directory()

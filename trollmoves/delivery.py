@@ -18,6 +18,7 @@ import ipaddress
 import os
 import posixpath
 import socket
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,14 +42,52 @@ class DeliveryError(Exception):
 
 
 def compose_destination(template: str, data: Mapping[str, Any]) -> str:
-    """Fill the trollsift fields of a destination template from a message's data."""
+    """Fill the trollsift fields of a destination template from a message's data.
+
+    The result must stay under the template's fixed base directory (the part before its first
+    field): a field whose value climbs out of it (``{platform_name}`` = ``../..``) is refused.
+    """
     try:
-        return compose(template, dict(data))
+        url = compose(template, dict(data))
     except KeyError as err:
         raise DeliveryError(f"destination {template!r} needs {err} which the message lacks"
                             ) from None
     except (ValueError, TypeError, AttributeError) as err:
         raise DeliveryError(f"cannot fill destination {template!r}: {err}") from None
+    base, fields = _template_parts(template)
+    if fields and (not url.startswith(base) or ".." in unquote(url[len(base):]).split("/")):
+        culprits = [f"{name} = {data.get(name)!r}" for name in fields
+                    if ".." in unquote(str(data.get(name, "")))] or list(fields)
+        raise DeliveryError(f"destination {template!r} filled with {', '.join(culprits)} "
+                            f"leaves {base or 'its directory'}")
+    return url
+
+
+@functools.lru_cache(maxsize=64)
+def _template_parts(template: str) -> tuple[str, tuple[str, ...]]:
+    """The fixed base directory of a destination template (up to the last ``/`` before the
+    first field) and the names of its fields."""
+    fields = tuple(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template)
+                                 if name))
+    head = template.split("{", 1)[0]
+    return head[:head.rfind("/") + 1], fields
+
+
+def is_plain_name(uid: Any) -> bool:
+    """True when ``uid`` is a file name that stays in the directory it is joined to."""
+    return (isinstance(uid, str) and uid not in {"", ".", ".."} and "\0" not in uid
+            and posixpath.basename(uid) == uid)
+
+
+def check_file_names(data: Mapping[str, Any]) -> None:
+    """Raise :class:`DeliveryError` unless every ``uid`` of the files in ``data`` is a plain
+    file name (it names the file at the destination, where ``../x`` would leave it)."""
+    def check(item: dict[str, Any]) -> dict[str, Any]:
+        if "uid" in item and not is_plain_name(item["uid"]):
+            raise DeliveryError(f"field uid = {item['uid']!r} is not a plain file name")
+        return item
+
+    map_files(data, check)
 
 
 @functools.lru_cache(maxsize=256)
@@ -253,6 +292,8 @@ def unpack_files(data: Mapping[str, Any], kind: str, local_dir: str | None,
         uid = item.get("uid")
         if not isinstance(uid, str) or not unpacker.handles(uid):
             return item
+        if not is_plain_name(uid):
+            raise unpack.UnpackError(f"refused to unpack {uid!r}: not a plain file name")
         if local_dir is None:
             raise unpack.UnpackError(f"{uid} was delivered off this machine; it cannot be "
                                      "unpacked here")
