@@ -8,6 +8,7 @@ from __future__ import annotations
 import bz2
 import datetime as dt
 import io
+import logging
 import os
 import socket
 import tarfile
@@ -69,6 +70,8 @@ def test_primary_requests_once_and_acks_the_other_announcers() -> None:
     key = ("f",)
     assert tracker.announce(key, "server1") is Action.REQUEST
     assert tracker.announce(key, "server2") is Action.JOINED
+    assert tracker.state(key) is State.QUEUED and tracker.next_source(key) is None
+    assert tracker.start_next() == key and tracker.start_next() is None
     assert tracker.next_source(key) == "server1"
     assert tracker.announce(key, "server3") is Action.JOINED
     assert tracker.finish(key, delivered=True) == ["server2", "server3"]
@@ -81,6 +84,7 @@ def test_a_failed_transfer_tries_the_next_announcer_then_is_forgotten() -> None:
     key = ("f",)
     tracker.announce(key, "server1")
     tracker.announce(key, "server2")
+    assert tracker.start_next() == key
     assert tracker.next_source(key) == "server1"
     assert tracker.next_source(key) == "server2"
     assert tracker.next_source(key) is None
@@ -97,8 +101,9 @@ def test_hot_spare_waits_then_requests_when_nobody_claimed_the_file() -> None:
     assert tracker.due() == []
     clock.advance(0.2)
     assert tracker.due() == [key]
-    assert tracker.state(key) is State.ACTIVE
-    assert tracker.due() == []  # started once only
+    assert tracker.state(key) is State.QUEUED and tracker.queued == 1
+    assert tracker.due() == []  # queued once only
+    assert tracker.start_next() == key and tracker.state(key) is State.ACTIVE
     assert tracker.next_source(key) == "server1"
 
 
@@ -124,6 +129,7 @@ def test_the_spare_takes_over_when_the_primary_pushed_but_never_acked() -> None:
     tracker.peer_push(key)
     clock.advance(10)
     assert tracker.due() == [key]
+    assert tracker.start_next() == key
     assert tracker.next_source(key) == "server1"
     tracker.peer_push(key)  # a late push of the primary changes nothing now
     assert tracker.state(key) is State.ACTIVE and tracker.due() == []
@@ -153,6 +159,7 @@ def test_an_ack_seen_during_our_own_transfer_does_not_start_another() -> None:
     tracker: Tracker[str] = Tracker()
     key = ("f",)
     tracker.announce(key, "server1")
+    tracker.start_next()
     tracker.peer_done(key)
     assert tracker.state(key) is State.ACTIVE
     tracker.next_source(key)
@@ -160,11 +167,64 @@ def test_an_ack_seen_during_our_own_transfer_does_not_start_another() -> None:
     assert tracker.is_done(key)
 
 
+def test_a_queued_file_pushed_or_delivered_by_the_other_client_is_not_pushed_here() -> None:
+    clock = Clock()
+    tracker: Tracker[str] = Tracker(takeover_timeout=10, clock=clock)  # a primary, 1 slot
+    first, pushed, acked = ("a",), ("b",), ("c",)
+    for key in (first, pushed, acked):
+        assert tracker.announce(key, "server1") is Action.REQUEST
+    assert tracker.start_next() == first and tracker.state(first) is State.ACTIVE
+    assert tracker.state(pushed) is State.QUEUED and tracker.queued == 2
+    tracker.peer_push(pushed)  # the hot spare took over the backlog
+    tracker.peer_push(acked)
+    tracker.peer_done(acked)
+    assert tracker.state(pushed) is State.PEER and tracker.is_done(acked)
+    assert tracker.queued == 0 and tracker.start_next() is None  # the slot frees: nothing
+    assert tracker.next_source(pushed) is None
+    clock.advance(9)
+    tracker.peer_push(pushed)  # the other client is still at it (next announcer)
+    clock.advance(9)
+    assert tracker.due() == []
+    clock.advance(1)
+    assert tracker.due() == [pushed] and tracker.start_next() == pushed  # it went silent
+
+
+def test_a_file_queued_by_the_spare_is_left_to_the_primary_that_pushes_it() -> None:
+    clock = Clock()
+    tracker: Tracker[str] = Tracker(processing_delay=0.2, takeover_timeout=10, clock=clock)
+    keys = [("a",), ("b",)]
+    for key in keys:
+        tracker.announce(key, "server1")
+    clock.advance(0.2)
+    assert tracker.due() == keys and tracker.queued == 2  # no free slot yet
+    tracker.peer_push(keys[0])  # the primary's backlog moved on meanwhile
+    tracker.peer_done(keys[1])
+    assert tracker.start_next() is None and tracker.state(keys[0]) is State.PEER
+
+
+def test_the_queue_is_bounded_and_a_file_beyond_it_is_dropped_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    tracker: Tracker[str] = Tracker(processing_delay=0.2, clock=clock, max_queued=2)
+    with caplog.at_level(logging.WARNING, logger="trollmoves.hotspare"):
+        for name in "abc":
+            assert tracker.announce((name,), "s1") is Action.WAIT
+        clock.advance(0.2)
+        assert tracker.due() == [("a",), ("b",)]
+    assert "Not requesting c: 2 files wait" in caplog.text
+    assert tracker.state(("c",)) is None and not tracker.is_done(("c",))  # forgotten
+    assert tracker.start_next() == ("a",)
+    tracker.processing_delay = 0
+    assert tracker.announce(("c",), "s2") is Action.REQUEST  # room again: announced again
+    assert tracker.announce(("d",), "s2") is Action.DROPPED
+
+
 def test_tracker_memory_is_bounded_over_many_files() -> None:
     tracker: Tracker[str] = Tracker(cache_size=1000)
     for number in range(100_000):
         key = (f"file-{number}",)
         tracker.announce(key, "s1")
+        tracker.start_next()
         tracker.next_source(key)
         tracker.finish(key, delivered=True)
     assert len(tracker) == 0 and len(tracker._done) == 1000

@@ -10,25 +10,34 @@ from __future__ import annotations
 
 import bz2
 import io
+import re
 import signal
 import socket
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from posttroll.message import Message
 
 from tests.moveit import (
     Deployment,
+    FakeServer,
+    Held,
+    Listener,
+    MoveItProcess,
     drop,
     installed,
     ports,
+    push_ok,
     reference_available,
     script,
+    start_client,
     wait_for,
+    write_ini,
 )
 
 OURS = installed("move_it_server.py") is not None
@@ -169,6 +178,86 @@ def test_hot_spare_with_the_primary_killed_mid_stream(setup: Deployment, tmp_pat
     assert len(names) - len(announced) <= 1
     assert all((dst / name).read_bytes() == b"x" * 1024 for name in names)
     assert spare.log_text().count("Delivered H-000") >= 15
+
+
+def _probe_until(heard: Callable[[], bool], probe: Callable[[str], Any]) -> None:
+    """Announce probe files (``probe(uid)``) until ``heard()``: a subscription between two
+    clients is known to be in place only once a message went through it."""
+    sent = 0
+
+    def check() -> bool:
+        nonlocal sent
+        if heard():
+            return True
+        probe(f"probe-{sent}")
+        sent += 1
+        return False
+
+    wait_for(check, interval=0.5, what="a message between the clients")
+
+
+def test_hot_spare_pair_with_a_backlog_pushes_every_file_once(tmp_path: Path) -> None:
+    """More files than ``workers``: what waits in the primary's queue is the spare's to take
+    after its delay, and a file one client pushed or delivered is never pushed by the other."""
+    names = [f"f{number:02d}.h5" for number in range(20)]
+
+    def hold_the_primarys(request: Message) -> Message | None:
+        primarys = "/primary/" in str(request.data.get("destination"))
+        return None if primarys and request.data.get("uid") in names else push_ok(request)
+
+    main = FakeServer(hold_the_primarys)
+    for_primary, for_spare = FakeServer(), FakeServer()  # probes that one client hears alone
+    primary_port, spare_port = ports(2)
+    procs: list[MoveItProcess] = []
+
+    def client(name: str, own: int, providers: list[int], **extra: Any) -> MoveItProcess:
+        directory = tmp_path / name
+        directory.mkdir()
+        section = {"providers": " ".join(f"127.0.0.1:{port}" for port in providers),
+                   "destination": f"{tmp_path}/{name}/", "topic": "/1b/hrit",
+                   "publish_port": own, "nameservers": "false", "workers": 2,
+                   "transfer_req_timeout": 60, **extra}
+        proc = start_client(directory, write_ini(directory / "client.ini", {"hrit": section}),
+                            name=name)
+        procs.append(proc)
+        return proc
+
+    listener = Listener([primary_port, spare_port])
+    try:
+        spare = client("spare", spare_port, [main.pub_port, for_spare.pub_port, primary_port],
+                       processing_delay=2)
+        primary = client("primary", primary_port,
+                         [main.pub_port, for_primary.pub_port, spare_port])
+        wait_for(lambda: main.subscribers("/1b/hrit") == 2, what="both clients subscribed")
+        for proc, peer, probes in ((primary, spare_port, for_spare),
+                                   (spare, primary_port, for_primary)):
+            _probe_until(lambda p=proc, port=peer: f"Receiving from tcp://127.0.0.1:{port}"
+                         in p.log_text(), lambda uid, s=probes: s.announce(uid,
+                                                                            main.request_address))
+        listener.wait_connected()
+        for name in names:
+            main.announce(name)
+        # the primary pushes two files (held) and queues 18; the spare takes those after 2 s
+        wait_for(lambda: len(set(re.findall(r"Another client delivered (f\d\d)",
+                                            primary.log_text()))) == 18,
+                 what="the primary hearing of the spare's 18 files")
+        held: list[Held] = list(main.held)
+        assert sorted(h.request.data["uid"] for h in held) == names[:2]
+        for request in held:
+            main.reply(request, push_ok(request.request))
+        listener.collect(lambda ms: set(names) <= set(listener.uids("file")), what="all files")
+        wait_for(lambda: all(f"Another client delivered {name}" in spare.log_text()
+                             for name in names[:2]), what="the spare hearing of the last two")
+    finally:
+        listener.close()
+        for proc in procs:
+            proc.stop()
+        for server in (main, for_primary, for_spare):
+            server.close()
+    pushed = [uid for uid in main.requested("push") if uid in names]
+    assert sorted(pushed) == names  # each file pushed once, by one client or the other
+    announced = [uid for uid in listener.uids("file") if uid in names]
+    assert sorted(announced) == names
 
 
 def test_bad_destination_and_vanished_source_are_errors_for_that_file_only(

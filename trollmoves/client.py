@@ -8,9 +8,14 @@ Each section of the INI file runs one :class:`ClientSection`:
 
 One thread per section reads the subscriptions, runs the hot-spare timers and keeps up to
 ``workers`` push requests in flight at once, so different files move concurrently and the same
-file never twice. A file that cannot be delivered is logged and not announced; the section
-keeps serving. Config edits and SIGHUP restart only the changed sections; SIGTERM lets the
-transfers in flight finish (see :mod:`trollmoves.service`).
+file never twice; more files queue in the :class:`~trollmoves.hotspare.Tracker` (at most
+:data:`MAX_QUEUED`; beyond that a file is dropped with a warning, see there). A file that cannot
+be delivered is logged and not announced; bad input (an undecodable message, a ``uid`` or a
+destination field that would leave the destination directory, an unusable
+``request_address``) is logged and the section keeps serving.
+
+Config edits and SIGHUP restart only the changed sections; SIGTERM lets the transfers in flight
+finish (see :mod:`trollmoves.service`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +50,7 @@ from trollmoves.delivery import (
     push_request,
     unpack_files,
 )
-from trollmoves.hotspare import Action, FileKey, Tracker, file_key
+from trollmoves.hotspare import DEFAULT_MAX_QUEUED, Action, FileKey, Tracker, file_key
 from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import FILE_TYPES
 from trollmoves.requester import RequesterPool, RequestError, RequestMultiplexer
@@ -70,6 +75,8 @@ REBIND_TIMEOUT = 5.0
 PUBLISH_QUEUE = 100_000
 #: Destination directories remembered as existing (not checked again for every file).
 KNOWN_DIRECTORIES = 256
+#: Files waiting for a free transfer slot at most (see :class:`~trollmoves.hotspare.Tracker`).
+MAX_QUEUED = DEFAULT_MAX_QUEUED
 
 
 def _client_keys() -> frozenset[str]:
@@ -100,6 +107,7 @@ class ClientSettings:
     ftp_root: str | None = None
     workers: int = DEFAULT_WORKERS
     rewrites: Mapping[str, str] = field(default_factory=dict)
+    max_queued: int = MAX_QUEUED  #: not a config key: files waiting for a free slot at most
 
     @classmethod
     def from_section(cls, name: str, section: Mapping[str, Any]) -> ClientSettings:
@@ -188,8 +196,8 @@ class ClientSection:
 
     One thread polls the subscriptions, the replies of the requests in flight and a waker,
     and runs the hot-spare timers: no thread hand-off per file. At most ``workers`` pushes
-    are in flight; more files wait their turn. Unpacking, which may take long, runs on a
-    pool of ``workers`` threads.
+    are in flight; more files wait their turn in the tracker. Unpacking, which may take long,
+    runs on a pool of ``workers`` threads.
     """
 
     def __init__(self, settings: ClientSettings, requesters: RequesterPool | None = None) -> None:
@@ -198,7 +206,8 @@ class ClientSection:
         self._own_requesters = requesters is None
         self.tracker: Tracker[Message] = Tracker(
             processing_delay=settings.processing_delay,
-            takeover_timeout=settings.transfer_req_timeout + settings.processing_delay)
+            takeover_timeout=settings.transfer_req_timeout + settings.processing_delay,
+            max_queued=settings.max_queued)
         self.publisher: Any = None
         self._unpackers = (ThreadPoolExecutor(max_workers=max(1, settings.workers),
                                               thread_name_prefix=f"unpack-{settings.name}")
@@ -207,7 +216,6 @@ class ClientSection:
         self._waker: Waker | None = None
         self._requests: RequestMultiplexer | None = None
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._waiting: deque[FileKey] = deque()
         self._active = 0  # pushes in flight
         self._unpacking = 0  # files handed to the unpackers
         self._stopping = threading.Event()
@@ -285,7 +293,9 @@ class ClientSection:
             if reading and self._stopping.is_set():
                 reading = False  # stop: no new files, finish the ones in flight
                 subscriptions.close()
-                self._waiting.clear()
+                if self.tracker.queued:
+                    LOG.info("Section %s stops with %d file(s) not requested yet",
+                             self.settings.name, self.tracker.queued)
             deadlines = [next_beat, requests.next_deadline()]
             if reading:
                 deadlines += [self.tracker.next_deadline(), subscriptions.next_check()]
@@ -301,7 +311,7 @@ class ClientSection:
             while not self._calls.empty():
                 self._calls.get()()
             if reading:
-                self._waiting.extend(self.tracker.due())
+                self.tracker.due()
                 self._start_waiting()
                 subscriptions.resubscribe_silent()
             if time.monotonic() >= next_beat:
@@ -318,8 +328,10 @@ class ClientSection:
                 return
             if message.type == "push":
                 self.tracker.peer_push(key)
+                LOG.debug("Another client is transferring %s", key[0])
             elif message.type == "ack" or "request_address" not in message.data:
                 self.tracker.peer_done(key)
+                LOG.debug("Another client delivered %s", key[0])
             else:
                 self._on_announcement(key, message)
         except Exception:  # one odd message must not stop the section
@@ -329,17 +341,13 @@ class ClientSection:
         action = self.tracker.announce(key, message)
         LOG.debug("Announcement of %s from %s: %s", key[0], message.data["request_address"],
                   action.value)
-        if action is Action.REQUEST:
-            self._waiting.append(key)
-            self._start_waiting()
-        elif action is Action.ACK:
+        if action is Action.ACK:
             self._ack(message)
 
     # -- transfers (the section's thread) ----------------------------------------------------------
     def _start_waiting(self) -> None:
-        """Start waiting transfers while fewer than ``workers`` pushes are in flight."""
-        while self._waiting and self._active < self.settings.workers:
-            key = self._waiting.popleft()
+        """Start queued transfers while fewer than ``workers`` pushes are in flight."""
+        while self._active < self.settings.workers and (key := self.tracker.start_next()):
             self._active += 1
             self._request_next(key)
 

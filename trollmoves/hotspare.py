@@ -10,11 +10,18 @@ announcements in the order they came (the first announcer is asked first, the ot
 ``PEER``
     another client published a ``push``: wait for its ``ack`` (or client ``file``) until the
     takeover deadline, then take over;
+``QUEUED``
+    to be requested as soon as a transfer slot is free (:meth:`Tracker.start_next`, in the
+    order the files were queued); a ``push`` of another client meanwhile moves the file to
+    ``PEER``, its ``ack`` or ``file`` message ends it, so a backlog is never pushed by both;
 ``ACTIVE``
-    this client is transferring the file; it is never started twice.
+    this client has sent the push request; the file is never started twice.
 
-Finished keys go to a bounded :class:`DoneCache`, so memory stays flat however many files pass.
-The tracker holds no sockets and no threads: the caller feeds it events and a clock.
+At most ``max_queued`` files are queued: a file that would be one more is dropped with a
+warning naming it and forgotten (not acknowledged, so the server keeps it; a hot spare or a later
+announcement requests it). Finished keys go to a bounded :class:`DoneCache`, so memory stays
+flat however many files pass. The tracker holds no sockets and no threads: the caller feeds it
+events and a clock.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ A = TypeVar("A")
 DEFAULT_CACHE_SIZE = 10_000
 #: Seconds a finished file is remembered by default.
 DEFAULT_CACHE_AGE = 24 * 3600.0
+#: Files queued for a free transfer slot at most, by default.
+DEFAULT_MAX_QUEUED = 100_000
 
 
 def _uids(data: Any) -> Iterator[str]:
@@ -97,8 +106,9 @@ class DoneCache:
 class Action(enum.Enum):
     """What the caller must do after an announcement."""
 
-    REQUEST = "request"  #: start the transfer now (then call :meth:`Tracker.next_source`)
-    WAIT = "wait"  #: hot spare: nothing yet, :meth:`Tracker.due` will return the key later
+    REQUEST = "request"  #: queued: request it when a slot is free (:meth:`Tracker.start_next`)
+    WAIT = "wait"  #: hot spare: nothing yet, :meth:`Tracker.due` will queue the key later
+    DROPPED = "dropped"  #: the queue is full: not requested (logged)
     ACK = "ack"  #: the file is already here: send ``ack`` to this announcer
     JOINED = "joined"  #: the file is in progress; this announcer gets an ``ack`` at the end
 
@@ -108,6 +118,7 @@ class State(enum.Enum):
 
     WAITING = "waiting"
     PEER = "peer"
+    QUEUED = "queued"
     ACTIVE = "active"
 
 
@@ -123,16 +134,20 @@ class Tracker(Generic[A]):
     """Duplicate suppression and the hot-spare state machine of one client section.
 
     ``processing_delay`` is how long a hot spare waits before requesting; ``takeover_timeout``
-    how long it waits for the ``ack`` of a client that published a ``push``. Thread safe.
+    how long it waits for the ``ack`` of a client that published a ``push``; ``max_queued`` how
+    many files may wait for a free transfer slot. Thread safe.
     """
 
     def __init__(self, processing_delay: float = 0.0, takeover_timeout: float = 10.0,
                  cache_size: int = DEFAULT_CACHE_SIZE, cache_age: float = DEFAULT_CACHE_AGE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         self.processing_delay = max(0.0, processing_delay)
         self.takeover_timeout = takeover_timeout
+        self.max_queued = max(1, max_queued)
         self._clock = clock
         self._entries: dict[FileKey, _Entry[A]] = {}
+        self._queue: OrderedDict[FileKey, None] = OrderedDict()  # the QUEUED keys, in order
         self._done = DoneCache(cache_size, cache_age, clock)
         self._timers: list[tuple[float, int, FileKey]] = []
         self._seq = itertools.count()
@@ -150,23 +165,27 @@ class Tracker(Generic[A]):
                 if entry.state is State.PEER and len(entry.announcements) == 1:
                     return Action.WAIT
                 return Action.JOINED
+            entry = self._entries[key] = _Entry(State.WAITING, [announcement])
             if self.processing_delay > 0:
-                self._entries[key] = entry = _Entry(State.WAITING, [announcement])
                 self._schedule(key, entry, self._clock() + self.processing_delay)
                 return Action.WAIT
-            self._entries[key] = _Entry(State.ACTIVE, [announcement])
-            return Action.REQUEST
+            return Action.REQUEST if self._enqueue(key, entry) else Action.DROPPED
 
     def peer_push(self, key: FileKey) -> None:
-        """Another client published a ``push`` for ``key``: it is transferring that file."""
+        """Another client published a ``push`` for ``key``: it is transferring that file.
+
+        Unless this client has sent its own push already, it leaves the file to the other one
+        until ``takeover_timeout`` after that client's last push.
+        """
         with self._lock:
             if key in self._done:
                 return
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = _Entry(State.PEER)
-            elif entry.state is not State.WAITING:
+            elif entry.state is State.ACTIVE:
                 return
+            self._queue.pop(key, None)
             entry.state = State.PEER
             self._schedule(key, entry, self._clock() + self.takeover_timeout)
 
@@ -178,17 +197,19 @@ class Tracker(Generic[A]):
                 entry.peer_done = True
                 return
             self._entries.pop(key, None)
+            self._queue.pop(key, None)
             self._done.add(key)
 
     def due(self) -> list[FileKey]:
-        """Keys whose wait is over and that must be transferred now (they become active)."""
+        """Queue the keys whose wait is over (hot-spare delay, takeover); return them."""
         now = self._clock()
-        started = []
+        queued = []
         with self._lock:
             while self._timers and self._timers[0][0] <= now:
                 deadline, _, key = heapq.heappop(self._timers)
                 entry = self._entries.get(key)
-                if entry is None or entry.deadline != deadline or entry.state is State.ACTIVE:
+                if entry is None or entry.deadline != deadline or entry.state not in {
+                        State.WAITING, State.PEER}:
                     continue
                 entry.deadline = None
                 if not entry.announcements:
@@ -197,9 +218,9 @@ class Tracker(Generic[A]):
                 if entry.state is State.PEER:
                     LOG.warning("%s: another client pushed it but did not ack it within %g s; "
                                 "taking over", key[0], self.takeover_timeout)
-                entry.state = State.ACTIVE
-                started.append(key)
-        return started
+                if self._enqueue(key, entry):
+                    queued.append(key)
+        return queued
 
     def next_deadline(self) -> float | None:
         """Clock time of the next wait that ends, or None."""
@@ -213,8 +234,17 @@ class Tracker(Generic[A]):
             return None
 
     # -- transfers ----------------------------------------------------------------------------
+    def start_next(self) -> FileKey | None:
+        """The first queued key, now active (the caller sends its push), or None."""
+        with self._lock:
+            if not self._queue:
+                return None
+            key, _ = self._queue.popitem(last=False)
+            self._entries[key].state = State.ACTIVE
+            return key
+
     def next_source(self, key: FileKey) -> A | None:
-        """Take the next announcement to request ``key`` from (None: no announcer left)."""
+        """Take the next announcement to request active ``key`` from (None: no announcer left)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.state is not State.ACTIVE or not entry.announcements:
@@ -228,6 +258,7 @@ class Tracker(Generic[A]):
         """
         with self._lock:
             entry = self._entries.pop(key, None)
+            self._queue.pop(key, None)
             if delivered or (entry is not None and entry.peer_done):
                 self._done.add(key)
                 return list(entry.announcements) if entry is not None else []
@@ -245,10 +276,28 @@ class Tracker(Generic[A]):
         with self._lock:
             return key in self._done
 
+    @property
+    def queued(self) -> int:
+        """Number of files waiting for a free transfer slot."""
+        with self._lock:
+            return len(self._queue)
+
     def __len__(self) -> int:
-        """Number of files in progress (waiting, watched or transferring)."""
+        """Number of files in progress (waiting, watched, queued or transferring)."""
         with self._lock:
             return len(self._entries)
+
+    def _enqueue(self, key: FileKey, entry: _Entry[A]) -> bool:
+        """Queue ``key`` for a free slot; drop it (logged, forgotten) when the queue is full."""
+        if len(self._queue) >= self.max_queued:
+            del self._entries[key]
+            LOG.warning("Not requesting %s: %d files wait for a free transfer slot already; "
+                        "dropped (the server keeps it, a later announcement requests it)",
+                        key[0], len(self._queue))
+            return False
+        entry.state = State.QUEUED
+        self._queue[key] = None
+        return True
 
     def _schedule(self, key: FileKey, entry: _Entry[A], deadline: float) -> None:
         entry.deadline = deadline
