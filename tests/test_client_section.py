@@ -301,3 +301,77 @@ def test_a_uid_or_a_destination_field_leaving_the_destination_is_not_requested(
     assert "Cannot request ../elsewhere/x.bz2: field uid = '../elsewhere/x.bz2'" in caplog.text
     assert "Cannot request a.h5: destination" in caplog.text
     assert "platform_name = '../..'" in caplog.text
+
+
+# ------------------------------------------------------------------------------ late replies
+
+def _announced_by_both(first: FakeServer, second: FakeServer, caplog: pytest.LogCaptureFixture,
+                       uid: str = "a.h5") -> None:
+    """``uid`` announced by ``first`` (and pushed there), then by ``second``, as the client
+    has seen it."""
+    first.announce(uid)
+    wait_for(lambda: first.requested("push"), what="the push")
+    second.announce(uid)
+    wait_for(lambda: f"Announcement of {uid} from {second.request_address}: joined"
+             in caplog.text, what="the second announcement")
+
+
+def test_a_late_push_reply_is_caught_and_the_file_is_not_asked_elsewhere(
+        watchers: list[Listener], section: Callable[..., ClientSection],
+        fake_server: Callable[..., FakeServer], caplog: pytest.LogCaptureFixture) -> None:
+    def answer_late(request: Message) -> Message | None:
+        """Hold pushes; answer them right after the ping that their lateness brings."""
+        if request.type == "push":
+            return None
+        for held in list(slow.held):
+            slow.reply(held, push_ok(held.request))
+        return push_ok(request)
+
+    slow, other = fake_server(answer_late), fake_server()
+    client = section([f"127.0.0.1:{slow.pub_port}", f"127.0.0.1:{other.pub_port}"],
+                     transfer_req_timeout=0.5)
+    watcher = _subscribed_watcher(client, [slow, other], watchers)
+    with caplog.at_level(logging.DEBUG, logger="trollmoves"):
+        _announced_by_both(slow, other, caplog)
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+        wait_for(lambda: other.requested("ack"), what="the ack to the other server")
+    assert [r.type for r in slow.requests] == ["push", "ping"]
+    assert [r.type for r in other.requests] == ["ack"]
+    watcher.drain()
+    assert [m.type for m in watcher.messages] == ["push", "ack", "file"]
+    assert watcher.of_type("file")[0].data["origin"] == slow.request_address
+    assert "has not answered the push of a.h5 within 0.5 s" in caplog.text
+
+
+def test_a_push_to_a_server_that_answers_nothing_goes_to_the_next_announcer(
+        watchers: list[Listener], section: Callable[..., ClientSection],
+        fake_server: Callable[..., FakeServer], caplog: pytest.LogCaptureFixture) -> None:
+    dead, other = fake_server(lambda request: None), fake_server()
+    client = section([f"127.0.0.1:{dead.pub_port}", f"127.0.0.1:{other.pub_port}"],
+                     transfer_req_timeout=0.3, req_timeout=0.2)
+    watcher = _subscribed_watcher(client, [dead, other], watchers)
+    with caplog.at_level(logging.DEBUG, logger="trollmoves"):
+        _announced_by_both(dead, other, caplog)
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [r.type for r in dead.requests] == ["push", "ping"]
+    assert [r.type for r in other.requests] == ["push"]
+    assert watcher.of_type("file")[0].data["origin"] == other.request_address
+    assert "no reply to the push nor to a ping" in caplog.text
+
+
+def test_a_live_server_that_never_answers_the_push_is_not_replaced(
+        watchers: list[Listener], section: Callable[..., ClientSection],
+        fake_server: Callable[..., FakeServer], caplog: pytest.LogCaptureFixture) -> None:
+    stuck = fake_server(lambda request: None if request.type == "push" else push_ok(request))
+    other = fake_server()
+    client = section([f"127.0.0.1:{stuck.pub_port}", f"127.0.0.1:{other.pub_port}"],
+                     transfer_req_timeout=0.3, workers=1)
+    watcher = _subscribed_watcher(client, [stuck, other], watchers)
+    with caplog.at_level(logging.DEBUG, logger="trollmoves"):
+        _announced_by_both(stuck, other, caplog)
+        wait_for(lambda: "answers pings but not the push" in caplog.text, what="giving up")
+        other.announce("b.h5")  # the slot is free again
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert [r.type for r in stuck.requests] == ["push", "ping"]
+    assert other.requested("push") == ["b.h5"]  # a.h5 never: it may still arrive from stuck
+    assert watcher.uids("file") == ["b.h5"] and not client.tracker.is_done(("a.h5",))

@@ -14,6 +14,11 @@ be delivered is logged and not announced; bad input (an undecodable message, a `
 destination field that would leave the destination directory, an unusable
 ``request_address``) is logged and the section keeps serving.
 
+A push without a reply within ``transfer_req_timeout`` is not given up at once: its socket
+waits as long again for a late reply while a ``ping`` asks whether the server is alive. Only a
+server that answers neither (or answers ``err``) makes the client ask the next announcer; a
+live server that never answers leaves the file undelivered, never pushed twice.
+
 Config edits and SIGHUP restart only the changed sections; SIGTERM lets the transfers in flight
 finish (see :mod:`trollmoves.service`).
 """
@@ -53,7 +58,13 @@ from trollmoves.delivery import (
 from trollmoves.hotspare import DEFAULT_MAX_QUEUED, Action, FileKey, Tracker, file_key
 from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import FILE_TYPES
-from trollmoves.requester import RequesterPool, RequestError, RequestMultiplexer
+from trollmoves.requester import (
+    PendingRequest,
+    RequesterPool,
+    RequestError,
+    RequestMultiplexer,
+    RequestTimeout,
+)
 from trollmoves.service import ServiceRunner
 from trollmoves.subscription import (
     HEARTBEAT_TOPIC,
@@ -204,9 +215,10 @@ class ClientSection:
         self.settings = settings
         self.requesters = requesters or RequesterPool()
         self._own_requesters = requesters is None
+        # a push may take transfer_req_timeout and as long again for a late reply
         self.tracker: Tracker[Message] = Tracker(
             processing_delay=settings.processing_delay,
-            takeover_timeout=settings.transfer_req_timeout + settings.processing_delay,
+            takeover_timeout=2 * settings.transfer_req_timeout + settings.processing_delay,
             max_queued=settings.max_queued)
         self.publisher: Any = None
         self._unpackers = (ThreadPoolExecutor(max_workers=max(1, settings.workers),
@@ -382,12 +394,41 @@ class ClientSection:
         self._send(published)
         transfer = _Transfer(key, announcement, destination, local_dir, server,
                              time.monotonic())
-        self._requests.send(server, published if request is public else request,
-                            s.transfer_req_timeout,
-                            lambda reply, error: self._on_push_reply(transfer, reply, error))
+        transfer.request = self._requests.send(
+            server, published if request is public else request, s.transfer_req_timeout,
+            lambda reply, error: self._on_push_reply(transfer, reply, error),
+            grace=s.transfer_req_timeout, on_late=lambda: self._check_alive(transfer))
+
+    def _check_alive(self, transfer: _Transfer) -> None:
+        """A push got no reply in time: ping its server (its own socket) while waiting on."""
+        s = self.settings
+        LOG.warning("%s has not answered the push of %s within %g s; waiting up to %g s more "
+                    "if it answers a ping", transfer.server, transfer.key[0],
+                    s.transfer_req_timeout, s.transfer_req_timeout)
+        ping = Message(transfer.announcement.subject, "ping", {})
+        self._requests.send(transfer.server, ping, s.req_timeout,
+                            lambda reply, error: self._on_ping(transfer, reply, error))
+
+    def _on_ping(self, transfer: _Transfer, reply: Message | None,
+                 error: RequestError | None) -> None:
+        if reply is not None:
+            transfer.server_alive = True
+            LOG.info("%s is alive; still waiting for its reply to the push of %s",
+                     transfer.server, transfer.key[0])
+        elif transfer.request is not None and self._requests is not None and \
+                self._requests.cancel(transfer.request):
+            LOG.error("No transfer of %s from %s: no reply to the push nor to a ping (%s)",
+                      transfer.key[0], transfer.server, error)
+            self._request_next(transfer.key)
 
     def _on_push_reply(self, transfer: _Transfer, reply: Message | None,
                        error: RequestError | None) -> None:
+        if reply is None and isinstance(error, RequestTimeout) and transfer.server_alive:
+            # the server is alive and may still deliver it: asking another would deliver twice
+            LOG.error("No transfer of %s: %s answers pings but not the push (%s); not asking "
+                      "another server", transfer.key[0], transfer.server, error)
+            self._finish(transfer.key, delivered=False)
+            return
         if reply is None or reply.type not in FILE_TYPES:
             detail = error if reply is None else f"{reply.type} {reply.data}"
             LOG.error("No transfer of %s from %s: %s", transfer.key[0], transfer.server, detail)
@@ -485,7 +526,7 @@ class ClientSection:
             publisher.send(text)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Transfer:
     """One push request in flight."""
 
@@ -495,6 +536,8 @@ class _Transfer:
     local_dir: str | None
     server: str
     started: float
+    request: PendingRequest | None = None  #: None once the request ended at once
+    server_alive: bool = False  #: the server answered a ping while the push was late
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -5,6 +5,9 @@ from it at once, either blocking (:meth:`Requester.request`) or many at a time f
 thread's poll loop (:class:`RequestMultiplexer`). A socket whose request timed out is closed
 and never reused (the "lazy pirate" pattern: a REQ socket that missed its reply is stuck in
 the wrong state), so a late reply can never be taken for the answer to a later request.
+A multiplexed request may have a grace period: past its timeout its socket is kept that much
+longer for a late reply, while the caller finds out (e.g. with a ``ping`` on another socket)
+whether the server is alive, and may :meth:`RequestMultiplexer.cancel` it.
 """
 
 from __future__ import annotations
@@ -163,12 +166,18 @@ class RequesterPool:
 ReplyCallback = Callable[[Message | None, RequestError | None], None]
 
 
-@dataclass
-class _InFlight:
+@dataclass(eq=False)
+class PendingRequest:
+    """A request in flight in a :class:`RequestMultiplexer` (to :meth:`~RequestMultiplexer.cancel`
+    it)."""
+
     requester: Requester
     sock: zmq.Socket
     deadline: float
     callback: ReplyCallback
+    grace: float = 0.0  #: seconds the socket is kept past ``deadline`` for a late reply
+    on_late: Callable[[], None] | None = None  #: called when the grace period begins
+    late: bool = False  #: in its grace period
 
 
 class RequestMultiplexer:
@@ -183,32 +192,48 @@ class RequestMultiplexer:
         self._pool = pool
         self._poller = poller
         self._clock = clock
-        self._in_flight: dict[zmq.Socket, _InFlight] = {}
+        self._in_flight: dict[zmq.Socket, PendingRequest] = {}
         self._deadlines: list[tuple[float, int, zmq.Socket]] = []
         self._seq = itertools.count()
 
     def send(self, address: str, message: Message | str, timeout: float,
-             callback: ReplyCallback) -> None:
+             callback: ReplyCallback, *, grace: float = 0.0,
+             on_late: Callable[[], None] | None = None) -> PendingRequest | None:
         """Send ``message`` (or its encoded form) to ``address``; ``callback`` gets the reply
-        or the error later. Raises ValueError for an address that is not ``host:port``.
+        or the error later (at once when it cannot be sent: then None is returned).
+
+        With ``grace`` > 0 a request without a reply after ``timeout`` seconds keeps waiting
+        ``grace`` seconds more on the same socket; ``on_late()`` is called when that begins.
+        Raises ValueError for an address that is not ``host:port``.
         """
         requester = self._pool.get(address)
         try:
             sock = requester.acquire()
         except RequestError as err:
             callback(None, err)
-            return
+            return None
         try:
             text = message if isinstance(message, str) else message.encode()
             sock.send_string(text, zmq.NOBLOCK)
         except zmq.ZMQError as err:
             requester.discard(sock)
             callback(None, RequestError(f"cannot send to {requester.address}: {err}"))
-            return
-        deadline = self._clock() + timeout
-        self._in_flight[sock] = _InFlight(requester, sock, deadline, callback)
-        heapq.heappush(self._deadlines, (deadline, next(self._seq), sock))
+            return None
+        pending = PendingRequest(requester, sock, self._clock() + timeout, callback, grace,
+                                 on_late)
+        self._in_flight[sock] = pending
+        self._push_deadline(pending)
         self._poller.register(sock, zmq.POLLIN)
+        return pending
+
+    def cancel(self, pending: PendingRequest) -> bool:
+        """Abandon a request in flight (no callback; its socket is discarded). False when it
+        had ended already."""
+        if self._in_flight.get(pending.sock) is not pending:
+            return False
+        self._end(pending.sock)
+        pending.requester.discard(pending.sock)
+        return True
 
     def handle(self, ready: Mapping[Any, int]) -> None:
         """Deliver the replies that arrived (``ready`` as returned by the poller)."""
@@ -230,12 +255,20 @@ class RequestMultiplexer:
             self._call(entry, reply, None)
 
     def expire(self) -> None:
-        """Give up the requests whose timeout has passed; their sockets are discarded."""
+        """Give up the requests whose timeout (and grace period) has passed; their sockets are
+        discarded."""
         now = self._clock()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, sock = heapq.heappop(self._deadlines)
             entry = self._in_flight.get(sock)
             if entry is None or entry.deadline > now:
+                continue
+            if entry.grace > 0 and not entry.late:
+                entry.late = True
+                entry.deadline = now + entry.grace
+                self._push_deadline(entry)
+                if entry.on_late is not None:
+                    self._guarded(entry, entry.on_late)
                 continue
             self._end(sock)
             entry.requester.discard(sock)
@@ -258,13 +291,22 @@ class RequestMultiplexer:
             self._end(sock).requester.discard(sock)
         self._deadlines.clear()
 
-    def _end(self, sock: zmq.Socket) -> _InFlight:
+    def _push_deadline(self, entry: PendingRequest) -> None:
+        heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.sock))
+
+    def _end(self, sock: zmq.Socket) -> PendingRequest:
         self._poller.unregister(sock)
         return self._in_flight.pop(sock)
 
+    @classmethod
+    def _call(cls, entry: PendingRequest, reply: Message | None, error: RequestError | None
+              ) -> None:
+        cls._guarded(entry, lambda: entry.callback(reply, error))
+
     @staticmethod
-    def _call(entry: _InFlight, reply: Message | None, error: RequestError | None) -> None:
+    def _guarded(entry: PendingRequest, func: Callable[[], None]) -> None:
+        """Run a callback of ``entry``; what it raises is logged (the caller's loop goes on)."""
         try:
-            entry.callback(reply, error)
+            func()
         except Exception:
             LOG.exception("Handling the reply from %s failed", entry.requester.address)
