@@ -10,6 +10,9 @@ import logging
 import os
 import queue
 import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +223,62 @@ def test_symlinked_base_reports_configured_paths(watchers: list[OriginWatcher],
     sink = watch(watchers, tmp_path / "link" / "{name}.dat")
     write(real / "x.dat")
     assert sink.next()[0] == str(tmp_path / "link" / "x.dat")
+
+
+# -- directories inotify cannot watch ---------------------------------------------------------
+
+UNWATCHABLE_SCRIPT = textwrap.dedent("""
+    import os, queue, resource, sys
+    from trollmoves.watch import OriginWatcher
+
+    directory, how = sys.argv[1], sys.argv[2]
+    files = queue.Queue()
+    watcher = OriginWatcher(directory + "/{name}.dat", lambda path, fields: files.put(path),
+                            poll_interval=0.05)
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if how == "no-descriptors":  # inotify needs a file descriptor: none is left
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, limits[1]))
+    watcher.start()  # must return, not retry at full speed
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    os.chmod(directory, 0o755)
+    with open(directory + "/a.dat", "w") as handle:
+        handle.write("data")
+    print("polling" if watcher.polling else "inotify", files.get(timeout=20), flush=True)
+    watcher.stop()
+    watcher.join()
+""")
+
+
+def _command(how: str, directory: Path) -> list[str]:
+    """Run the script where inotify cannot watch ``directory``, for a real reason."""
+    script = [sys.executable, "-c", UNWATCHABLE_SCRIPT, str(directory), how]
+    if how == "watch-limit":  # a user namespace of our own, allowed no inotify watch at all
+        unshare = shutil.which("unshare")
+        probe = subprocess.run([unshare or "unshare", "--user", "--map-root-user", "true"],
+                               capture_output=True) if unshare else None
+        if probe is None or probe.returncode != 0:
+            pytest.skip("no user namespaces here (unshare --user)")
+        limit = "echo 0 > /proc/sys/user/max_inotify_watches && exec \"$@\""
+        return [unshare, "--user", "--map-root-user", "sh", "-c", limit, "sh", *script]
+    if how == "unreadable":
+        directory.chmod(0o000)
+        if os.geteuid() == 0:  # root reads anything: drop that privilege
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.skip("running as root without setpriv")
+            return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *script]
+    return script
+
+
+@pytest.mark.parametrize("how", ["watch-limit", "no-descriptors", "unreadable"])
+def test_unwatchable_directory_is_polled(tmp_path: Path, how: str) -> None:
+    directory = tmp_path / "in"
+    directory.mkdir()
+    run = subprocess.run(_command(how, directory), capture_output=True, text=True,
+                         timeout=2 * DEADLINE)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["polling", str(directory / "a.dat")]
+    assert f"cannot watch {directory} with inotify" in run.stderr
+    assert "polling it every 0.05 s instead" in run.stderr

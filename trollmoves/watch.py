@@ -13,6 +13,9 @@ many components from the end of the pattern, as trollmoves always did. A base di
 does not exist yet is waited for: its nearest existing parent is watched until it appears,
 and the files already in it are then reported.
 
+A directory inotify cannot watch (unreadable, or the inotify watch or instance limit reached)
+is polled instead, with an ERROR in the log naming it.
+
 Each matching file goes to ``sink(path, fields)``, where ``fields`` are the values parsed from
 the path; the sink should only queue it (it runs on the watcher's thread)::
 
@@ -26,6 +29,7 @@ the path; the sink should only queue it (it runs on the watcher's thread)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -190,16 +194,19 @@ class OriginWatcher:
                  " recursively" if self.pattern.recursive else "", self.pattern.origin,
                  "polling" if self.polling else "inotify")
         if self.polling:
-            self._poller = threading.Thread(target=self._poll, name=f"poll-{self.name}",
-                                            daemon=True)
-            self._poller.start()
+            self._start_polling(report_existing=self.backlog)
             return
-        self._observer = InotifyObserver(generate_full_events=True)
+        try:
+            self._observer = InotifyObserver(generate_full_events=True)
+        except OSError as err:  # no inotify instance or file descriptor left
+            self._poll_instead(self.base, err, report_existing=self.backlog)
+            return
         self._observer.daemon = True
         self._observer.start()
         with self._lock:
             self._arm(initial=True)
-        self.ready.set()
+            if self._poller is None:  # else the poller says when it is ready
+                self.ready.set()
 
     def stop(self) -> None:
         """Stop reporting files."""
@@ -250,34 +257,46 @@ class OriginWatcher:
 
     # -- inotify ----------------------------------------------------------------------------
     def _arm(self, initial: bool = False) -> None:
-        """Watch the base directory, or its nearest parent until the base appears."""
+        """Watch the base directory, or its nearest parent until the base appears; poll
+        instead when inotify cannot watch it."""
         while not self._stopping.is_set():
             if self._watch is not None:
                 self._observer.unschedule(self._watch)
                 self._watch = None
-            if os.path.isdir(self.base):
-                if self._schedule(self.base, recursive=self.pattern.recursive,
-                                  events=_FILE_EVENTS):
-                    self._after_base_watched(initial)
-                    return
+            exists = os.path.isdir(self.base)
+            directory = self.base if exists else nearest_existing_parent(self.base)
+            if not exists:
+                if directory != self._watched_dir:
+                    LOG.warning("%s: directory %s does not exist yet; waiting for it "
+                                "(watching %s)", self.name, self.base, directory)
+                self._waiting = True
+            try:
+                watched = self._schedule(directory, recursive=exists and self.pattern.recursive,
+                                         events=_FILE_EVENTS if exists else _DIR_EVENTS)
+            except OSError as err:
+                self._poll_instead(directory, err, report_existing=self.backlog or not initial)
+                return
+            if not watched:
                 continue  # it vanished meanwhile
-            parent = nearest_existing_parent(self.base)
-            if parent != self._watched_dir:
-                LOG.warning("%s: directory %s does not exist yet; waiting for it (watching %s)",
-                            self.name, self.base, parent)
-            self._waiting = True
-            if self._schedule(parent, recursive=False, events=_DIR_EVENTS) and \
-                    nearest_existing_parent(self.base) == parent:
+            if exists:
+                self._after_base_watched(initial)
+                return
+            if nearest_existing_parent(self.base) == directory:
                 return  # nothing appeared between the check and the watch
 
     def _schedule(self, directory: str, recursive: bool, events: list[Any]) -> bool:
+        """Watch ``directory``; False when it vanished, OSError when inotify cannot watch it."""
         root = os.path.realpath(directory)
+        if not os.access(root, os.R_OK | os.X_OK):  # watchdog would watch it without a word
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)
         try:
             self._watch = self._observer.schedule(_Handler(self), root, recursive=recursive,
                                                   event_filter=events)
         except OSError as err:
-            LOG.debug("%s: cannot watch %s: %s", self.name, directory, err)
-            return False
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                LOG.debug("%s: cannot watch %s: %s", self.name, directory, err)
+                return False
+            raise
         self._watched_root = root
         self._watched_dir = directory
         return True
@@ -301,7 +320,7 @@ class OriginWatcher:
 
     def on_event(self, event: FileSystemEvent) -> None:
         """Handle one watchdog event (on the observer's thread)."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._poller is not None:
             return
         src = self._translate(os.fsdecode(event.src_path)) if event.src_path else ""
         dest = self._translate(os.fsdecode(event.dest_path)) if event.dest_path else ""
@@ -323,6 +342,18 @@ class OriginWatcher:
                 self._offer_all(self._walk(dest or src))
 
     # -- polling ----------------------------------------------------------------------------
+    def _poll_instead(self, directory: str, err: OSError, report_existing: bool) -> None:
+        LOG.error("%s: cannot watch %s with inotify (%s); polling it every %g s instead",
+                  self.name, directory, err.strerror or err, self.poll_interval)
+        self._start_polling(report_existing)
+
+    def _start_polling(self, report_existing: bool) -> None:
+        """Poll from now on; ``report_existing``: report the files already there at once."""
+        self.polling = True
+        self._poller = threading.Thread(target=self._poll, args=(report_existing,),
+                                        name=f"poll-{self.name}", daemon=True)
+        self._poller.start()
+
     def _scan(self) -> dict[str, tuple[int, int, int]]:
         found = {}
         for path in self.pattern.existing():
@@ -336,7 +367,7 @@ class OriginWatcher:
                 found[path] = _file_key(info)
         return found
 
-    def _poll(self) -> None:
+    def _poll(self, report_existing: bool) -> None:
         previous: dict[str, tuple[int, int, int]] | None = None
         while not self._stopping.is_set():
             exists = os.path.isdir(self.base)
@@ -347,7 +378,7 @@ class OriginWatcher:
                             self.name, self.base)
             current = self._scan() if exists else {}
             if previous is None and exists:
-                self._first_poll(current)
+                self._first_poll(current, report_existing)
             else:
                 stable = [p for p, key in current.items() if (previous or {}).get(p) == key]
                 self._offer_all(stable)
@@ -356,8 +387,9 @@ class OriginWatcher:
             self.ready.set()
             self._stopping.wait(self.poll_interval)
 
-    def _first_poll(self, current: dict[str, tuple[int, int, int]]) -> None:
-        if self.backlog:
+    def _first_poll(self, current: dict[str, tuple[int, int, int]],
+                    report_existing: bool) -> None:
+        if report_existing:
             found = self._offer_all(current)
             LOG.info("%s: %d file(s) already in %s", self.name, found, self.base)
         else:
