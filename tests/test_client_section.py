@@ -26,6 +26,7 @@ from tests.moveit import (
     push_ok,
     wait_for,
 )
+from trollmoves import client as client_module
 from trollmoves.client import ClientSection, ClientSettings
 from trollmoves.requester import (
     Requester,
@@ -301,6 +302,31 @@ def test_a_uid_or_a_destination_field_leaving_the_destination_is_not_requested(
     assert "Cannot request ../elsewhere/x.bz2: field uid = '../elsewhere/x.bz2'" in caplog.text
     assert "Cannot request a.h5: destination" in caplog.text
     assert "platform_name = '../..'" in caplog.text
+
+
+def test_a_reply_that_cannot_be_announced_still_frees_its_slot(
+        watchers: list[Listener], section: Callable[..., ClientSection],
+        fake_server: Callable[..., FakeServer], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = client_module.final_data
+
+    def final_data(announcement: Message, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if announcement.data["uid"].startswith("boom"):
+            raise RuntimeError("cannot build the final message")
+        return real(announcement, *args, **kwargs)
+
+    monkeypatch.setattr(client_module, "final_data", final_data)
+    server = fake_server()
+    client = section([f"127.0.0.1:{server.pub_port}"], workers=1)
+    watcher = _subscribed_watcher(client, [server], watchers)
+    with caplog.at_level(logging.ERROR):
+        for uid in ("boom1", "boom2", "good"):
+            server.announce(uid)
+        watcher.collect(lambda ms: any(m.type == "file" for m in ms))
+    assert server.requested("push") == ["boom1", "boom2", "good"]
+    assert watcher.uids("file") == ["good"]
+    assert "boom1 was delivered by" in caplog.text and "boom2 was delivered by" in caplog.text
+    assert not client.tracker.is_done(("boom1",)) and len(client.tracker) == 0
 
 
 # ------------------------------------------------------------------------------ late replies

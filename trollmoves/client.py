@@ -434,25 +434,36 @@ class ClientSection:
             LOG.error("No transfer of %s from %s: %s", transfer.key[0], transfer.server, detail)
             self._request_next(transfer.key)
             return
+        delivered = False
+        try:
+            self._delivered(transfer, reply)
+            delivered = True
+        except Exception:
+            LOG.exception("%s was delivered by %s but cannot be announced", transfer.key[0],
+                          transfer.server)
+        finally:
+            self._finish(transfer.key, delivered)
+
+    def _delivered(self, transfer: _Transfer, reply: Message) -> None:
+        """Announce a delivered file (after unpacking it, on the unpackers, when configured)."""
         s = self.settings
         ack = ack_request(transfer.announcement).encode()
         data = final_data(transfer.announcement, transfer.destination, login=s.login,
                           reply=reply, rewrites=s.rewrites)
         if self._unpackers is not None:
             self._send(ack)
-            self._unpacking += 1
             self._unpackers.submit(self._unpack_and_announce, transfer, data)
+            self._unpacking += 1
         else:
             # both built first and sent back to back: a client dying between its ack and its
             # file message would leave a hot spare believing the file announced
             self._announce(transfer, data, ack)
-        self._finish(transfer.key, delivered=True)
 
     def _finish(self, key: FileKey, delivered: bool) -> None:
-        """End the transfer of ``key``: ``ack`` the other announcers, free the slot."""
+        """End the transfer of ``key``: free the slot, ``ack`` the other announcers."""
+        self._active -= 1
         for other in self.tracker.finish(key, delivered):
             self._ack(other)
-        self._active -= 1
 
     def _announce(self, transfer: _Transfer, data: dict[str, Any], ack: str | None = None
                   ) -> None:
