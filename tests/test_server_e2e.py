@@ -246,9 +246,11 @@ def test_disable_backlog_and_config_reload(tmp_path: Path) -> None:
     other.mkdir()
     old = drop(src, hrit(0))
     pub, port, new_port = ports(3)
-    sections = {"hrit": hrit_section(src, port)}
+    sections = {"hrit": hrit_section(src, port), "incomplete": {"topic": "/no/origin"}}
     proc, listener = start_listening_server(tmp_path, sections, pub, "--disable-backlog")
     try:
+        proc.wait_log(r"Section incomplete skipped: .*\[incomplete\]: needs origin")
+        del sections["incomplete"]
         new = drop(src, hrit(1))
         announcement(listener, new.name)
         assert old.name not in [m.data.get("uid") for m in listener.of_type("file")]

@@ -127,13 +127,56 @@ def test_failed_section_is_retried_on_reload(config: Path) -> None:
         service.stop()
 
 
-def test_validator_errors_name_the_section(config: Path) -> None:
-    def refuse(path: str, sections: dict[str, dict[str, Any]]) -> None:
-        raise ConfigError(path, "b", "request_port", "used twice")
+def test_whole_file_checks_skip_the_sections_they_name(config: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    def refuse_b(path: str, sections: dict[str, dict[str, Any]]) -> None:
+        if "b" in sections:
+            raise ConfigError(path, "b", "request_port", "used twice")
 
-    service = ServiceRunner(config, "server", Recorder(), validate=refuse, watch_config=False)
-    with pytest.raises(ConfigError, match=r"\[b\] request_port: used twice"):
-        service.start()
+    service = ServiceRunner(config, "server", Recorder(), validate=refuse_b, watch_config=False)
+    try:
+        assert service.start().invalid == ["b"]
+        assert sorted(service.workers) == ["a"]
+        assert f"Section b skipped: {config}: [b] request_port: used twice" in caplog.text
+    finally:
+        service.stop()
+
+    def refuse_all(path: str, sections: dict[str, dict[str, Any]]) -> None:
+        raise ConfigError(path, next(iter(sections)), "request_port", "used twice")
+
+    service = ServiceRunner(config, "server", Recorder(), validate=refuse_all, watch_config=False)
+    with pytest.raises(ConfigError, match=r"\[a\] request_port: used twice"):
+        service.start()  # nothing valid is left
+
+
+def test_invalid_sections_are_skipped_at_start(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "server.ini"
+    path.write_text(server_ini(good="{name}") + "[no_origin]\ntopic = /t\n\n"
+                    "[bad_port]\norigin = /x/{name}\ntopic = /t\nrequest_port = many\n")
+    recorder = Recorder()
+    service = ServiceRunner(path, "server", recorder, watch_config=False)
+    try:
+        result = service.start()
+        assert result.invalid == ["no_origin", "bad_port"] and result.added == ["good"]
+        assert sorted(service.workers) == ["good"]
+        assert f"Section no_origin skipped: {path}: [no_origin]: needs origin" in caplog.text
+        assert f"Section bad_port skipped: {path}: [bad_port] request_port: " in caplog.text
+    finally:
+        service.stop()
+
+
+def test_section_edited_into_an_invalid_one_keeps_running(runner: tuple[ServiceRunner, Recorder],
+                                                          config: Path) -> None:
+    service, recorder = runner
+    service.start()
+    recorder.events.clear()
+    config.write_text(server_ini(b="{name}", c="{name}") + "[a]\ntopic = /t\n")
+    result = service.reload()
+    assert (result.invalid, result.added, result.changed, result.removed) == (["a"], ["c"], [],
+                                                                               [])
+    assert recorder.events == [("start", "c")]
+    assert sorted(service.workers) == ["a", "b", "c"]
 
 
 def test_run_reloads_on_file_change_and_stops(config: Path) -> None:

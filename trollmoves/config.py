@@ -159,6 +159,17 @@ def _missing_keys(error: jsonschema.ValidationError) -> str:
 
 def read_ini(path: str | Path, kind: str) -> dict[str, dict[str, Any]]:
     """Read an INI file of ``kind`` ("server", "client" or "mirror") into typed sections."""
+    sections, errors = read_ini_sections(path, kind)
+    if errors:
+        raise errors[0]
+    return sections
+
+
+def read_ini_sections(path: str | Path, kind: str
+                      ) -> tuple[dict[str, dict[str, Any]], list[ConfigError]]:
+    """Read an INI file of ``kind`` section by section: the typed valid sections, and the
+    error of each invalid one. A file that cannot be read or parsed raises :class:`ConfigError`.
+    """
     parser = configparser.RawConfigParser()
     parser.optionxform = str  # keys keep their case, as in trollmoves 0.19
     try:
@@ -168,8 +179,14 @@ def read_ini(path: str | Path, kind: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(path, None, None, f"cannot read: {err.strerror or err}") from None
     except configparser.Error as err:
         raise ConfigError(path, None, None, f"not a valid INI file: {err.message}") from None
-    return {name: typed_section(str(path), name, dict(parser.items(name)), kind)
-            for name in parser.sections()}
+    sections: dict[str, dict[str, Any]] = {}
+    errors: list[ConfigError] = []
+    for name in parser.sections():
+        try:
+            sections[name] = typed_section(str(path), name, dict(parser.items(name)), kind)
+        except ConfigError as err:
+            errors.append(err)
+    return sections, errors
 
 
 def load_yaml(path: str | os.PathLike[str]) -> Any:

@@ -7,12 +7,16 @@ everything around the workers::
     runner.run()          # blocks: SIGHUP / config edits reload, SIGTERM / SIGINT stop
 
 - ``make_worker(name, section)`` builds a :class:`Worker` for one typed, validated section (as
-  returned by :func:`trollmoves.config.read_ini`); the runner calls ``start()`` on it.
+  returned by :func:`trollmoves.config.read_ini_sections`); the runner calls ``start()`` on it.
+- Sections are loaded one by one, as trollmoves 0.19 does: a section that does not validate
+  (an incomplete one, a bad value, a port another section uses) is logged as an ERROR naming
+  file, section and key, and skipped; the valid ones run. A file that cannot be read, or holds
+  invalid sections only, is an error (:class:`~trollmoves.config.ConfigError` at start).
 - A reload (the config file changed on disk, SIGHUP, or :meth:`ServiceRunner.request_reload`)
   re-reads the file and touches only what changed: workers of removed and changed sections are
   stopped (all of them first, then joined, so a changed section can rebind its port), then new
-  and changed sections are started. A file that does not read or validate is logged with the
-  file, section and key, and every running section keeps running.
+  and changed sections are started. A section edited into an invalid one keeps running as it
+  was; a file that does not read, or holds invalid sections only, changes nothing.
 - SIGTERM / SIGINT (or :meth:`ServiceRunner.request_stop`): every worker is told to ``stop()``
   (stop accepting work), then ``join()`` waits for the work in flight. A second signal during
   shutdown gets the default behaviour (the process ends at once).
@@ -43,7 +47,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from trollmoves.config import ConfigError, file_signature, read_ini
+from trollmoves.config import ConfigError, file_signature, read_ini_sections
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +84,8 @@ class ReloadResult:
     changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    #: sections that did not validate: skipped, or kept running as they were
+    invalid: list[str] = field(default_factory=list)
     error: ConfigError | None = None
 
     @property
@@ -166,9 +172,9 @@ class ServiceRunner:
     def start(self) -> ReloadResult:
         """Load the file and start a worker per section; a bad file raises :class:`ConfigError`."""
         with self._lock:
-            sections = self._read()
+            sections, errors = self._read()
             self._started = True
-            result = self._apply(sections)
+            result = self._apply(sections, errors)
             if self.watch_config:
                 self._watch()
         LOG.info("Running %d section(s) from %s", len(self._workers), self.config_path)
@@ -177,21 +183,22 @@ class ServiceRunner:
     def reload(self) -> ReloadResult:
         """Re-read the file and restart only the sections that changed (failed ones are retried).
 
-        A file that does not read or validate changes nothing; its error is logged and returned.
+        A file that does not read, or holds invalid sections only, changes nothing; its error is
+        logged and returned.
         """
         with self._lock:
             if self._stopped:
                 return ReloadResult()
             try:
-                sections = self._read()
+                sections, errors = self._read()
             except ConfigError as err:
                 LOG.error("Configuration not reloaded, the running sections are kept: %s", err)
                 return ReloadResult(error=err)
-            result = self._apply(sections)
-        if result.touched or result.failed:
-            LOG.info("Reloaded %s: added %s, changed %s, removed %s, failed %s",
+            result = self._apply(sections, errors)
+        if result.touched or result.failed or result.invalid:
+            LOG.info("Reloaded %s: added %s, changed %s, removed %s, failed %s, invalid %s",
                      self.config_path, result.added, result.changed, result.removed,
-                     result.failed)
+                     result.failed, result.invalid)
         else:
             LOG.debug("Reloaded %s: no section changed", self.config_path)
         return result
@@ -232,17 +239,45 @@ class ServiceRunner:
         LOG.info("Stopped %d section(s)", len(names))
 
     # -- internals --------------------------------------------------------------------------
-    def _read(self) -> Sections:
+    def _read(self) -> tuple[Sections, list[ConfigError]]:
+        """The valid sections and the errors of the invalid ones; raises :class:`ConfigError`
+        when the file cannot be read or holds invalid sections only."""
         signature = file_signature(self.config_path)
-        sections = read_ini(self.config_path, self.kind)
-        if self.validate is not None:
-            self.validate(self.config_path, sections)
+        sections, errors = read_ini_sections(self.config_path, self.kind)
+        errors += self._validated(sections)
+        if errors and not sections:
+            for err in errors[1:]:
+                LOG.error("%s", err)
+            raise errors[0]
         self.loaded_signature = signature
-        return sections
+        return sections, errors
 
-    def _apply(self, sections: Sections) -> ReloadResult:
+    def _validated(self, sections: Sections) -> list[ConfigError]:
+        """Run the whole-file checks, dropping each section they find fault with."""
+        errors: list[ConfigError] = []
+        while self.validate is not None and sections:
+            try:
+                self.validate(self.config_path, sections)
+            except ConfigError as err:
+                if err.section not in sections:
+                    raise  # a fault of the file as a whole
+                errors.append(err)
+                del sections[err.section]
+            else:
+                break
+        return errors
+
+    def _apply(self, sections: Sections, errors: list[ConfigError]) -> ReloadResult:
         result = ReloadResult()
         old = self._sections  # running and failed sections
+        for err in errors:
+            assert err.section is not None
+            result.invalid.append(err.section)
+            if err.section in old:  # a bad edit: keep the section as it was
+                LOG.error("Section %s kept as it was: %s", err.section, err)
+                sections[err.section] = old[err.section]
+            else:
+                LOG.error("Section %s skipped: %s", err.section, err)
         result.removed = [name for name in old if name not in sections]
         for name, section in sections.items():
             if name not in old:
