@@ -573,6 +573,20 @@ def test_reloaded_section_always_rebinds_its_port(tmp_path: Path) -> None:
         runner.stop()
 
 
+def test_a_listen_section_that_cannot_subscribe_reports_its_death(tmp_path: Path) -> None:
+    died = threading.Event()
+    context = ServerContext(RecordingPublisher(), grace=0, on_death=died.set)
+    section = Section("relay", {"listen": "/new", "topic": "/relayed", "nameserver": False,
+                                "addresses": ["tcp://127.0.0.1:not-a-port"]}, context)
+    section.start()
+    try:
+        assert died.wait(DEADLINE)
+        assert not section.alive()
+    finally:
+        section.stop()
+        section.join(DEADLINE)
+
+
 # -- trollmoves check --------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "kind"), [

@@ -279,6 +279,26 @@ def test_disable_backlog_and_config_reload(tmp_path: Path) -> None:
         proc.stop()
 
 
+def test_a_section_that_stops_working_is_restarted(tmp_path: Path) -> None:
+    pub, port = ports(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    proc, listener = start_listening_server(tmp_path, {
+        "hrit": hrit_section(src, port),
+        "relay": {"listen": "/new", "topic": "/relayed", "nameserver": "false",
+                  "addresses": "tcp://127.0.0.1:not-a-port"}}, pub)
+    try:
+        proc.wait_log(r"ERROR .*relay: the listener stopped; the section no longer works")
+        proc.wait_log(r"ERROR .*Section relay stopped working; restarting it in 1 s")
+        proc.wait_log(r"Section relay stopped working; restarting it in 2 s")  # backing off
+        assert proc.log_text().count("Started section relay") >= 2
+        assert proc.log_text().count("Started section hrit") == 1  # the others run on
+        announcement(listener, drop(src, hrit(0)).name)
+    finally:
+        listener.close()
+        proc.stop()
+
+
 @pytest.mark.reference
 @pytest.mark.skipif(not reference_available(), reason="trollmoves 0.19 not installed")
 def test_reference_client_requests_from_our_server(tmp_path: Path) -> None:

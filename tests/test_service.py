@@ -199,6 +199,62 @@ def test_run_reloads_on_file_change_and_stops(config: Path) -> None:
         thread.join(DEADLINE)
 
 
+class Mortal:
+    """A worker factory whose workers can be killed; the second start of a section fails."""
+
+    def __init__(self) -> None:
+        self.workers: list[Mortal.Worker] = []
+        self.starts = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str, section: dict[str, Any]) -> Mortal.Worker:
+        worker = Mortal.Worker(self)
+        with self.lock:
+            self.workers.append(worker)
+        return worker
+
+    class Worker:
+        def __init__(self, owner: Mortal) -> None:
+            self.owner = owner
+            self.dead = False
+
+        def start(self) -> None:
+            with self.owner.lock:
+                self.owner.starts += 1
+                if self.owner.starts == 2:
+                    raise OSError("port in use, this once")
+
+        def stop(self) -> None:
+            pass
+
+        def join(self, timeout: float | None = None) -> None:
+            pass
+
+        def alive(self) -> bool:
+            return not self.dead
+
+
+def test_dead_worker_is_restarted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "server.ini"
+    path.write_text(server_ini(a="{name}"))
+    factory = Mortal()
+    service = ServiceRunner(path, "server", factory, watch_config=False,
+                            restart_backoff=(0.0, 0.0))
+    thread = threading.Thread(target=service.run, kwargs={"install_signals": False})
+    thread.start()
+    try:
+        wait_for(lambda: factory.starts == 1)
+        factory.workers[0].dead = True  # as a worker whose thread died...
+        service.check_workers()  # ...tells the runner
+        wait_for(lambda: factory.starts == 3 and "a" in service.workers)  # 2nd start failed
+        assert service.workers["a"] is factory.workers[2]
+        assert "Section a stopped working; restarting it in 0 s" in caplog.text
+        assert "Section a could not start: port in use, this once" in caplog.text
+    finally:
+        service.request_stop()
+        thread.join(DEADLINE)
+
+
 SIGNAL_SCRIPT = textwrap.dedent("""
     import logging, sys
     from trollmoves.service import ServiceRunner

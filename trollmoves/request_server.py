@@ -49,13 +49,15 @@ class RequestServer:
     waited ``expire_after`` seconds or more for a worker is answered ``err`` without being
     handled: its requester has given up by then, and a file copied for nobody would either
     land unannounced or be delivered twice when the request is repeated.
-    :meth:`stop` stops reading requests; :meth:`join` waits for the replies in flight.
+    :meth:`stop` stops reading requests; :meth:`join` waits for the replies in flight. Should the
+    socket thread fail, it says so in the log and calls ``on_death()``.
     """
 
     def __init__(self, name: str, port: int, handle: Callable[[Message], Message],
                  is_slow: Callable[[Message], bool], *, workers: int = TRANSFER_WORKERS,
                  max_pending: int | None = None, expire_after: float | None = None,
-                 max_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_bytes: int = MAX_REQUEST_BYTES,
+                 on_death: Callable[[], None] | None = None) -> None:
         self.name = name
         self.port = port
         self.handle = handle
@@ -63,6 +65,7 @@ class RequestServer:
         self.max_bytes = max_bytes
         self.max_pending = max_pending if max_pending is not None else PENDING_PER_WORKER * workers
         self.expire_after = expire_after
+        self.on_death = on_death
         self._in_flight = 0  # slow requests running or waiting; used by the socket thread only
         self._inproc = f"inproc://trollmoves-replies-{id(self)}"
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"push-{name}")
@@ -119,6 +122,8 @@ class RequestServer:
                         self._receive()
         except Exception:
             LOG.exception("%s: the request loop failed", self.name)
+            if self.on_death is not None:
+                self.on_death()
         finally:
             self._pool.shutdown(wait=True)
             for sock in [*self._reply_sockets, self._replies]:

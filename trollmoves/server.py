@@ -90,13 +90,17 @@ LISTEN_TIMEOUT = 0.5
 # -- shared by all sections ----------------------------------------------------------------
 
 class ServerContext:
-    """What the sections of one server share: publisher, file cache, command-line options."""
+    """What the sections of one server share: publisher, file cache, command-line options,
+    and ``on_death``, called when a section stops working on its own (the runner restarts it).
+    """
 
     def __init__(self, publisher: Any, *, backlog: bool = True, polling: bool = False,
-                 grace: float = PUBLISHER_GRACE) -> None:
+                 grace: float = PUBLISHER_GRACE,
+                 on_death: Callable[[], None] = lambda: None) -> None:
         self.publisher = publisher
         self.backlog = backlog
         self.polling = polling
+        self.on_death = on_death
         self.started = dt.datetime.now(dt.UTC)
         self._ready_at = time.monotonic() + grace
         self._cache: deque[str] = deque(maxlen=FILE_CACHE_SIZE)
@@ -204,6 +208,7 @@ class Section:
         self._served_lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._failure: str | None = None  # what stopped working on its own
         self._threads: list[threading.Thread] = []
         self.remover = DelayedRemover(name)
         self.watcher: OriginWatcher | None = None
@@ -213,7 +218,8 @@ class Section:
         if self.config.get("request_port") is not None:
             self.requests = RequestServer(name, int(self.config["request_port"]), self.handle,
                                           lambda message: message.type == "push",
-                                          expire_after=self.transfer_req_timeout)
+                                          expire_after=self.transfer_req_timeout,
+                                          on_death=lambda: self._died("request loop"))
         else:
             self.archive_kind = self.config.get("unpack") or None
 
@@ -233,7 +239,7 @@ class Section:
         if self.compression:
             os.makedirs(self.working_directory, exist_ok=True)
         self.remover.start()
-        self._spawn(self._announce_loop, "announce")
+        self._spawn(self._announce_loop, "announcer")
         if self.pattern is not None:
             self.watcher = OriginWatcher(
                 self.config["origin"], self._enqueue, polling=self.ctx.polling,
@@ -242,7 +248,7 @@ class Section:
                 skip_levels=self.config.get("origin_inotify_base_dir_skip_levels"))
             self.watcher.start()
         else:
-            self._spawn(self._listen, "listen")
+            self._spawn(self._listen, "listener")
 
     def stop(self) -> None:
         """Stop watching and reading requests; queued files are still announced."""
@@ -264,8 +270,29 @@ class Section:
         self.remover.stop()
         self.remover.join(timeout)
 
+    def alive(self) -> bool:
+        """False once a thread of the section died: it no longer does its job."""
+        return self._failure is None
+
+    def _died(self, what: str) -> None:
+        """A thread ended while the section was not stopping: say so, and tell the runner."""
+        if self._stopping.is_set():
+            return
+        self._failure = what
+        LOG.error("%s: the %s stopped; the section no longer works", self.name, what)
+        self.ctx.on_death()
+
     def _spawn(self, target: Callable[[], None], what: str) -> None:
-        thread = threading.Thread(target=target, name=f"{what}-{self.name}", daemon=True)
+        """Run ``target`` on a thread of its own; its end before a stop is a death."""
+        def run() -> None:
+            try:
+                target()
+            except Exception:  # reported as the section's death below
+                LOG.exception("%s: the %s failed", self.name, what)
+            finally:
+                self._died(what)
+
+        thread = threading.Thread(target=run, name=f"{what}-{self.name}", daemon=True)
         thread.start()
         self._threads.append(thread)
 
@@ -567,7 +594,7 @@ class Server:
         publisher = Publisher(f"tcp://*:{self.port}", name=self.name)
         publisher.start()
         self.context = ServerContext(publisher, backlog=self.backlog, polling=self.polling,
-                                     grace=self.grace)
+                                     grace=self.grace, on_death=self.runner.check_workers)
         heartbeat = Heartbeat(self.context.publish, self.name, first_after=self.grace)
         heartbeat.start()
         try:

@@ -17,12 +17,17 @@ everything around the workers::
   stopped (all of them first, then joined, so a changed section can rebind its port), then new
   and changed sections are started. A section edited into an invalid one keeps running as it
   was; a file that does not read, or holds invalid sections only, changes nothing.
+- A worker that stopped working on its own (a thread of it died) is restarted with a growing
+  delay (1 s, doubled up to 60 s, back to 1 s once it ran that long), with an ERROR in the log.
+  Workers that can die offer ``alive()``; whoever sees one die (its dying thread) calls
+  :meth:`ServiceRunner.check_workers`, which wakes the runner.
 - SIGTERM / SIGINT (or :meth:`ServiceRunner.request_stop`): every worker is told to ``stop()``
   (stop accepting work), then ``join()`` waits for the work in flight. A second signal during
   shutdown gets the default behaviour (the process ends at once).
 
-The control thread blocks on a pipe; signal handlers and the config watcher only write a byte
-to it, so there is no sleep loop and nothing unsafe runs inside a signal handler.
+The control thread blocks on a pipe (until the next restart is due); signal handlers, dying
+workers and the config watcher only write a byte to it, so there is no sleep loop and nothing
+unsafe runs inside a signal handler.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -70,6 +77,12 @@ class Worker(Protocol):
     def join(self, timeout: float | None = None) -> None:
         """Wait until the work in flight is finished and every resource is released."""
 
+    # Optional: ``alive() -> bool``, False once the worker stopped working on its own; the
+    # runner asks when :meth:`ServiceRunner.check_workers` is called, and restarts it.
+
+
+#: Seconds before a dead worker is restarted: the first delay, and the longest.
+RESTART_BACKOFF = (1.0, 60.0)
 
 WorkerFactory = Callable[[str, dict[str, Any]], Worker]
 #: ``validate(path, sections)`` checks the file as a whole; raises :class:`ConfigError`.
@@ -114,12 +127,14 @@ class ServiceRunner:
     whole-file checks (for example, two sections on one port). ``on_stop`` is called once when
     the final stop begins, before the workers are stopped (e.g. to cut retry pauses short).
     ``stop_timeout`` bounds how long :meth:`stop` waits for each worker's ``join``.
+    ``restart_backoff`` is the (first, longest) delay before a dead worker is restarted.
     """
 
     def __init__(self, config_path: str | os.PathLike[str], kind: str, factory: WorkerFactory,
                  *, validate: Validator | None = None, watch_config: bool = True,
                  on_stop: Callable[[], None] | None = None,
-                 stop_timeout: float | None = None) -> None:
+                 stop_timeout: float | None = None,
+                 restart_backoff: tuple[float, float] = RESTART_BACKOFF) -> None:
         self.config_path = os.fspath(config_path)
         self.kind = kind
         self.factory = factory
@@ -127,15 +142,20 @@ class ServiceRunner:
         self.watch_config = watch_config
         self.on_stop = on_stop
         self.stop_timeout = stop_timeout
+        self.restart_backoff = restart_backoff
         self.loaded_signature: tuple[int, int, int] | None = None
         self._sections: Sections = {}
         self._workers: dict[str, Worker] = {}
         self._failed: set[str] = set()
+        self._started_at: dict[str, float] = {}  # when each worker started
+        self._restart_at: dict[str, float] = {}  # dead sections: when to start them again
+        self._delay: dict[str, float] = {}  # dead sections: the delay before that
         self._lock = threading.RLock()
         self._observer: Any = None
         self._read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.set_blocking(self._read_fd, True)
         self._reload_requested = False
+        self._check_requested = False
         self._stop_requested = False
         self._started = False
         self._stopped = False
@@ -155,12 +175,19 @@ class ServiceRunner:
 
     # -- requests (thread- and signal-safe) ---------------------------------------------------
     def _wake(self) -> None:
+        if self._stopped:  # the pipe is closed (or closing)
+            return
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._write_fd, b"!")
 
     def request_reload(self) -> None:
         """Ask :meth:`run` to re-read the config file (safe from any thread or signal handler)."""
         self._reload_requested = True
+        self._wake()
+
+    def check_workers(self) -> None:
+        """Ask :meth:`run` to restart the workers that stopped working (safe anywhere)."""
+        self._check_requested = True
         self._wake()
 
     def request_stop(self) -> None:
@@ -214,12 +241,25 @@ class ServiceRunner:
             if not self._started:
                 self.start()
             while not self._stop_requested:
-                os.read(self._read_fd, 4096)  # blocks until a request arrives
+                self._wait_for_request()
                 if self._reload_requested and not self._stop_requested:
                     self._reload_requested = False
                     self.reload()
+                if self._check_requested and not self._stop_requested:
+                    self._check_requested = False
+                    self._bury_dead_workers()
+                self._restart_due_workers()
         finally:
             self.stop()
+
+    def _wait_for_request(self) -> None:
+        """Block until a request arrives or the next restart is due."""
+        with self._lock:
+            due = min(self._restart_at.values(), default=None)
+        timeout = None if due is None else max(0.0, due - time.monotonic())
+        readable, _, _ = select.select([self._read_fd], [], [], timeout)
+        if readable:
+            os.read(self._read_fd, 4096)
 
     def stop(self) -> None:
         """Stop watching the file, then stop every worker and wait for its work in flight."""
@@ -227,6 +267,7 @@ class ServiceRunner:
             if self._stopped:
                 return
             self._stopped = True
+            self._restart_at.clear()
             self._unwatch()
             if self.on_stop is not None:
                 self.on_stop()
@@ -288,6 +329,8 @@ class ServiceRunner:
         self._failed -= set(result.removed)
         for name in result.removed:
             del old[name]
+            for plans in (self._restart_at, self._delay, self._started_at):
+                plans.pop(name, None)
         for name in result.added + result.changed:
             self._sections[name] = sections[name]
             if not self._start_worker(name, sections[name]):
@@ -304,9 +347,40 @@ class ServiceRunner:
             self._failed.add(name)
             return False
         self._failed.discard(name)
+        self._restart_at.pop(name, None)
         self._workers[name] = worker
+        self._started_at[name] = time.monotonic()
         LOG.info("Started section %s", name)
         return True
+
+    def _bury_dead_workers(self) -> None:
+        """Stop the workers that stopped working and plan their restart."""
+        with self._lock:
+            dead = [name for name, worker in self._workers.items()
+                    if not getattr(worker, "alive", lambda: True)()]
+            self._stop_workers(dead)
+            first, longest = self.restart_backoff
+            for name in dead:
+                if time.monotonic() - self._started_at[name] >= longest:
+                    self._delay[name] = first  # it ran a good while: start over
+                delay = self._delay.get(name, first)
+                LOG.error("Section %s stopped working; restarting it in %g s", name, delay)
+                self._plan_restart(name, delay)
+
+    def _plan_restart(self, name: str, delay: float) -> None:
+        first, longest = self.restart_backoff
+        self._failed.add(name)
+        self._restart_at[name] = time.monotonic() + delay
+        self._delay[name] = min(max(delay * 2, first), longest)
+
+    def _restart_due_workers(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            for name in [n for n, when in self._restart_at.items() if when <= now]:
+                del self._restart_at[name]
+                if not self._start_worker(name, self._sections[name]):
+                    LOG.error("Section %s: next attempt in %g s", name, self._delay[name])
+                    self._plan_restart(name, self._delay[name])
 
     def _stop_workers(self, names: list[str]) -> None:
         workers = [(name, self._workers.pop(name)) for name in names]
