@@ -111,7 +111,14 @@ class ServerContext:
         self.publisher.send(message.encode())
 
     def wait_for_subscribers(self, stop: threading.Event) -> None:
-        """Give subscribers time to (re)connect after the publisher started."""
+        """Give subscribers time to (re)connect after the publisher started.
+
+        A bounded wait on the ``stop`` event (a stop ends it at once), not an event-driven one
+        on purpose: a PUB socket cannot know how many subscribers will come back, and a
+        subscriber receives only what is sent after its SUBSCRIBE arrived, some time after the
+        connection was accepted. Ending the wait at the first EVENT_ACCEPTED would hand the
+        backlog to at most that one subscriber and drop it for the others.
+        """
         remaining = self._ready_at - time.monotonic()
         if remaining > 0:
             stop.wait(remaining)
