@@ -538,7 +538,7 @@ def test_listen_section_relays_local_files(sections: list[Section], tmp_path: Pa
         assert (message.subject, message.data["uid"]) == ("/relayed", "x.h5")
         assert message.data["request_address"] == f"10.0.0.1:{section.config['request_port']}"
         assert all(m.data["uid"] == "x.h5" for m in publisher.sent)
-        assert section.served_path(str(local)) == str(local)
+        assert section.served.check(str(local)) == str(local)
     finally:
         section.stop()
         section.join(DEADLINE)

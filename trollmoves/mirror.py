@@ -62,11 +62,10 @@ from trollmoves.hotspare import DEFAULT_CACHE_AGE, FileKey, file_key
 from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import FILE_TYPES, iter_files
 from trollmoves.requester import RequesterPool, RequestError
+from trollmoves.served import SERVED_CAPACITY, RequestRefused
 from trollmoves.server import (
     DEFAULT_PORT,
     PUBLISHER_GRACE,
-    SERVED_CAPACITY,
-    RequestRefused,
     Section,
     Server,
     ServerContext,
@@ -391,7 +390,7 @@ class MirrorSection(Section):
     def stage(self, key: FileKey) -> dict[str, str]:
         """``{upstream uri: staged path}`` of ``key``: staged already, or fetched now (once for
         all the clients asking at the same time). Raises :class:`FetchError`, or
-        :class:`~trollmoves.server.RequestRefused` for a file this mirror did not announce."""
+        :class:`~trollmoves.served.RequestRefused` for a file this mirror did not announce."""
         sources = self.registry.sources(key)
         if not sources:
             raise RequestRefused(f"{key[0]} was not announced by this mirror")
@@ -403,7 +402,7 @@ class MirrorSection(Section):
             raise FetchError(f"the fetch of {key[0]} in flight did not end within {bound:g} s"
                              ) from None
         for path in staged.values():
-            self._serve(path)
+            self.served.add(path)
         return staged
 
     def _fetch(self, key: FileKey, sources: list[Message]) -> dict[str, str]:

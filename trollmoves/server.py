@@ -12,7 +12,7 @@ by every section of the INI file. Each section is a :class:`Section` worker:
   (copy through the engine to the requested destination), ``ack``, ``ping``, ``info``; anything
   else gets ``unknown`` and malformed input gets ``err`` (or, past a hard size limit, is dropped
   by ZeroMQ). A push is served only for a file this section announced, or one matching its full
-  ``origin`` once ``..`` and links are resolved.
+  ``origin`` once ``..`` and links are resolved (:mod:`trollmoves.served`).
 - Without ``request_port`` (stand-alone) no request socket is opened: announcements carry the
   fsspec filesystem (``filesystem__*`` keys; default SSH to this host) that consumers read the
   file through, and with ``unpack = tar``/``zip`` an archive is announced as a ``dataset`` of its
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -54,6 +54,7 @@ from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import iter_files, local_path
 from trollmoves.removal import DelayedRemover, remove_file
 from trollmoves.request_server import RequestServer
+from trollmoves.served import RequestRefused, ServedFiles
 from trollmoves.service import ServiceRunner
 from trollmoves.transfer import RetryPolicy, interrupt_retries, transfer
 from trollmoves.urls import LOCAL_SCHEMES
@@ -78,8 +79,6 @@ DEFAULT_UNPACKED_RETENTION = 600.0
 FILE_CACHE_SIZE = 61000
 #: Largest ``max_count`` an ``info`` reply honours.
 MAX_INFO_COUNT = 2256
-#: Announced files remembered per section to serve pushes for them.
-SERVED_CAPACITY = 100_000
 #: Keys trollmoves 0.19 still accepts outside ``connection_parameters``.
 LEGACY_CONNECTION_KEYS = ("connection_uptime", "ssh_key_filename", "ssh_connection_timeout",
                           "ssh_private_key_file")
@@ -180,10 +179,6 @@ class Heartbeat(threading.Thread):
 
 # -- one section -------------------------------------------------------------------------------
 
-class RequestRefused(Exception):
-    """A request the section does not serve; the text goes back to the requester."""
-
-
 class Section:
     """The worker of one server section: announce files, serve requests, remove files."""
 
@@ -203,16 +198,10 @@ class Section:
         self.retry = RetryPolicy(budget=self.transfer_req_timeout * RETRY_SHARE)
         self.station = self.config.get("station")
         self.pattern: OriginPattern | None = None
-        self.real_pattern: OriginPattern | None = None
         if "origin" in self.config:
             skip = self.config.get("origin_inotify_base_dir_skip_levels")
             self.pattern = OriginPattern(self.config["origin"], skip)
-            real_base = os.path.realpath(self.pattern.base)
-            if real_base != self.pattern.base:
-                self.real_pattern = OriginPattern(
-                    real_base + self.pattern.origin[len(self.pattern.base):])
-        self._served: OrderedDict[str, bool] = OrderedDict()  # real path: created here
-        self._served_lock = threading.Lock()
+        self.served = ServedFiles(name, self.pattern)
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._failure: str | None = None  # what stopped working on its own
@@ -322,7 +311,7 @@ class Section:
             if self.archive_kind and self._announce_members(target, fields):
                 continue
             info = announce.announcement_info(self.config, target, fields)
-            self._serve(target, created=created)
+            self.served.add(target, created=created)
             self.ctx.remember(self.topic, [info["uid"]])
             self.ctx.publish(Message(self.topic, "file", info))
             LOG.debug("%s: announced %s", self.name, target)
@@ -368,15 +357,6 @@ class Section:
             self.remover.schedule(output, self.retention)
         return outputs, True
 
-    def _serve(self, path: str, created: bool = False) -> None:
-        """Serve ``path`` from now on; ``created``: this server made it (an unpacked copy), so
-        it is removed once delivered even without ``delete``."""
-        with self._served_lock:
-            self._served[os.path.realpath(path)] = created
-            self._served.move_to_end(os.path.realpath(path))
-            if len(self._served) > SERVED_CAPACITY:
-                self._served.popitem(last=False)
-
     def _listen(self) -> None:
         settings = {"topics": [self.config["listen"]], "addresses": self.config.get("addresses"),
                     "services": self.config.get("services", ""), "addr_listener": True,
@@ -404,7 +384,7 @@ class Section:
             return
         info = announce.relay_info(self.config, message.data)
         for path in paths:
-            self._serve(str(path))
+            self.served.add(str(path))
         self.ctx.remember(self.topic, [i["uid"] for i in iter_files(info) if "uid" in i])
         self.ctx.publish(Message(self.topic, message.type, info))
 
@@ -440,7 +420,7 @@ class Section:
         destination = data.get("destination")
         if not isinstance(destination, str) or not destination:
             raise RequestRefused("a push needs a destination")
-        items = [(self.served_path(item.get("uri")), item.get("path"))
+        items = [(self.served.check(item.get("uri")), item.get("path"))
                  for item in self._files(data)]
         backup_hosts = data.get("backup_targets")
         if isinstance(backup_hosts, str):
@@ -460,7 +440,7 @@ class Section:
     def ack(self, message: Message) -> Message:
         """The requester has the file(s) already: they may now be removed."""
         data = message.data if isinstance(message.data, Mapping) else {}
-        paths = [self.served_path(item.get("uri")) for item in self._files(data)]
+        paths = [self.served.check(item.get("uri")) for item in self._files(data)]
         self._after_delivery(paths)
         return announce.ack_reply(message)
 
@@ -474,32 +454,8 @@ class Section:
         """Remove delivered files after ``remove_delay``: with ``delete`` all of them, else
         only the copies this server unpacked (originals it did not unpack stay)."""
         for path in paths:
-            if self.delete or self._created(path):
+            if self.delete or self.served.created(path):
                 self.remover.schedule(path, self.remove_delay)
-
-    def _created(self, real: str) -> bool:
-        with self._served_lock:
-            return self._served.get(real, False)
-
-    def served_path(self, uri: Any) -> str:
-        """The real local path of a requested file, if this section serves it.
-
-        Served are the files this section announced and those matching its full ``origin``
-        once ``..`` and symbolic links are resolved; anything else raises
-        :class:`RequestRefused`.
-        """
-        if not isinstance(uri, str):
-            raise RequestRefused("invalid uri")
-        parts = urlsplit(uri)
-        if parts.scheme.lower() not in LOCAL_SCHEMES or not parts.path:
-            raise RequestRefused(f"{uri} is not a local file of this server")
-        real = os.path.realpath(parts.path)
-        with self._served_lock:
-            announced = real in self._served
-        if not (announced or any(p is not None and p.match(real) is not None
-                                 for p in (self.pattern, self.real_pattern))):
-            raise RequestRefused(f"{parts.path} is not served by section {self.name}")
-        return real
 
 
 def _compression(config: Mapping[str, Any]) -> str | None:
