@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from tests.moveit import (
     Clock,
     FakeServer,
     Listener,
+    ports,
     push_ok,
     wait_for,
 )
@@ -249,6 +251,38 @@ def test_a_silent_provider_is_resubscribed(fake_server: Callable[..., FakeServer
     wait_for(lambda: len(server.subscriptions) > before, what="a new subscription")
     assert subscriptions.next_check() == clock.now + 10
     subscriptions.close()
+
+
+def test_a_restarted_section_binds_its_publish_port_again_at_once(
+        fake_server: Callable[..., FakeServer], tmp_path: Any) -> None:
+    server = fake_server()
+    (port,) = ports(1)
+    settings = ClientSettings(name="again", providers=(f"127.0.0.1:{server.pub_port}",),
+                              destination=f"{tmp_path}/", topic="/1b/hrit", nameservers=False,
+                              publish_port=port)
+    for _ in range(3):  # as a reload does: join, then start the new section
+        client = ClientSection(settings)
+        client.start()
+        assert client.publisher.port_number == port
+        client.stop()
+        client.join(5)
+
+
+def test_a_section_whose_thread_dies_says_so(fake_server: Callable[..., FakeServer],
+                                             tmp_path: Any) -> None:
+    server = fake_server()
+    died = threading.Event()
+    settings = ClientSettings(name="mortal", providers=(f"127.0.0.1:{server.pub_port}",),
+                              destination=f"{tmp_path}/", topic="/1b/hrit", nameservers=False)
+    client = ClientSection(settings, on_death=died.set)
+    client.tracker.due = lambda: 1 / 0  # type: ignore[method-assign]  # a bug in the loop
+    client.start()
+    assert client.alive()
+    wait_for(lambda: server.subscribed("/1b/hrit"), what="client subscription")
+    server.announce("a.h5")  # the loop runs a round
+    assert died.wait(DEADLINE) and not client.alive()
+    client.stop()
+    client.join(5)
 
 
 # ---------------------------------------------------------------------------- bad input

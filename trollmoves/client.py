@@ -26,7 +26,6 @@ finish (see :mod:`trollmoves.service`).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import queue
@@ -73,6 +72,7 @@ from trollmoves.subscription import (
     Waker,
     parse_providers,
 )
+from trollmoves.zmqutil import ReleaseWatch
 
 LOG = logging.getLogger(__name__)
 
@@ -80,8 +80,6 @@ DEFAULT_REQ_TIMEOUT = 1.0
 DEFAULT_TRANSFER_REQ_TIMEOUT = 10.0
 DEFAULT_WORKERS = 8
 HEARTBEAT_INTERVAL = 30.0
-#: Seconds to retry binding a publish port that is still held by a stopping publisher.
-REBIND_TIMEOUT = 5.0
 #: Messages queued per subscriber of a section's publisher before it drops.
 PUBLISH_QUEUE = 100_000
 #: Destination directories remembered as existing (not checked again for every file).
@@ -171,35 +169,31 @@ class ClientSettings:
 def create_publisher(name: str, port: int, nameservers: Any) -> Any:
     """A started posttroll publisher: plain when ``nameservers`` is false, else announced to
     the nameservers given (or by multicast when None)."""
-    deadline = time.monotonic() + REBIND_TIMEOUT
-    while True:
-        try:
-            if nameservers is False:
-                publisher = Publisher(f"tcp://*:{port}", name=name).start()
-            else:
-                servers = list(nameservers) if nameservers else None
-                publisher = NoisyPublisher(name, port=port, nameservers=servers).start()
-            break
-        except zmq.ZMQError as err:
-            # a section restarted by a reload: ZeroMQ releases the old port in the background
-            if err.errno != errno.EADDRINUSE or not port or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    _deepen_send_queue(publisher)
+    if nameservers is False:
+        publisher = Publisher(f"tcp://*:{port}", name=name).start()
+    else:
+        servers = list(nameservers) if nameservers else None
+        publisher = NoisyPublisher(name, port=port, nameservers=servers).start()
+    sock = publish_socket(publisher)
+    if sock is None:
+        LOG.debug("Could not reach the publisher's socket; its send queue keeps its size")
+    else:
+        # subscribers may lag behind a burst by this much before messages are dropped
+        # (posttroll leaves ZeroMQ's default of 1000)
+        sock.setsockopt(zmq.SNDHWM, PUBLISH_QUEUE)
     return publisher
 
 
-def _deepen_send_queue(publisher: Any) -> None:
-    """Let subscribers that connect lag behind a burst by :data:`PUBLISH_QUEUE` messages
-    before messages are dropped (posttroll leaves ZeroMQ's default of 1000)."""
+def publish_socket(publisher: Any) -> zmq.Socket | None:
+    """The ZeroMQ socket of a posttroll publisher (NoisyPublisher -> Publisher ->
+    ZMQPublisher), or None when posttroll hides it."""
     inner = publisher
-    for _ in range(3):  # NoisyPublisher -> Publisher -> ZMQPublisher
+    for _ in range(3):
         sock = getattr(inner, "publish_socket", None)
         if sock is not None:
-            sock.setsockopt(zmq.SNDHWM, PUBLISH_QUEUE)
-            return
+            return sock
         inner = getattr(inner, "_publisher", None)
-    LOG.debug("Could not reach the publisher's socket; its send queue keeps its size")
+    return None
 
 
 class ClientSection:
@@ -211,8 +205,10 @@ class ClientSection:
     runs on a pool of ``workers`` threads.
     """
 
-    def __init__(self, settings: ClientSettings, requesters: RequesterPool | None = None) -> None:
+    def __init__(self, settings: ClientSettings, requesters: RequesterPool | None = None,
+                 on_death: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
+        self.on_death = on_death  #: called when the section stops working on its own
         self.requesters = requesters or RequesterPool()
         self._own_requesters = requesters is None
         # a push may take transfer_req_timeout and as long again for a late reply
@@ -233,6 +229,7 @@ class ClientSection:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._died = False
         self._directories: OrderedDict[str, None] = OrderedDict()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -265,10 +262,21 @@ class ClientSection:
         if self._own_requesters:
             self.requesters.close()
 
+    def alive(self) -> bool:
+        """False once the section's thread died: it no longer does its job."""
+        return not self._died
+
     def _close_publisher(self) -> None:
-        if self.publisher is not None:
-            self.publisher.stop()
-            self.publisher = None
+        """Stop the publisher; return once its port is free again (a reloaded section binds
+        it at once)."""
+        if self.publisher is None:
+            return
+        sock = publish_socket(self.publisher)
+        released = ReleaseWatch(sock) if sock is not None and self.settings.publish_port else None
+        self.publisher.stop()
+        self.publisher = None
+        if released is not None:
+            released.wait()
 
     def _wake(self) -> None:
         waker = self._waker
@@ -292,6 +300,8 @@ class ClientSection:
             self._loop(poller, subscriptions, self._requests)
         except Exception:
             LOG.exception("Section %s stopped working", self.settings.name)
+            self._died = True
+            self.on_death()
         finally:
             subscriptions.close()
             self._requests.close()
@@ -568,7 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     requesters = RequesterPool()
 
     def make_section(name: str, section: dict[str, Any]) -> ClientSection:
-        return ClientSection(ClientSettings.from_section(name, section), requesters)
+        return ClientSection(ClientSettings.from_section(name, section), requesters,
+                             on_death=runner.check_workers)
 
     runner = ServiceRunner(args.config_file, "client", make_section)
     try:
