@@ -111,6 +111,9 @@ class Requester:
         except zmq.Again:
             self.discard(sock)
             raise RequestTimeout(f"no reply from {self.address} within {timeout:g} s") from None
+        except zmq.ZMQError as err:
+            self.discard(sock)
+            raise RequestError(f"{self.address}: {err}") from None
         except BaseException:
             self.discard(sock)
             raise
