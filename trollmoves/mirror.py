@@ -327,7 +327,11 @@ class MirrorSection(Section):
                 ready = dict(poller.poll(millis))
                 waker.clear(ready)
                 for _provider, message in subscriptions.read(ready):
-                    self.on_upstream(message)
+                    try:
+                        self.on_upstream(message)
+                    except Exception:  # one odd announcement must not stop the relay
+                        LOG.exception("%s: could not relay %s %s", self.name, message.type,
+                                      message.subject)
                 subscriptions.resubscribe_silent()
         except Exception:
             LOG.exception("%s: stopped relaying announcements", self.name)
