@@ -60,7 +60,7 @@ from trollmoves.messages import (
     iter_files,
     local_file_data,
 )
-from trollmoves.receiver import Control, Receiver, SubscriberSettings
+from trollmoves.receiver import Control, Receiver, SubscriberSettings, run_until_stopped
 from trollmoves.transfer import interrupt_retries, transfer
 from trollmoves.urls import parse
 
@@ -237,17 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pytroll-fetcher: {err}", file=sys.stderr)
         return 2
     setup_logging(args)
-    control = Control()
-    control.install_signals()
-    try:
-        serve(config, subscription, options, control)
-    except Exception:
-        LOG.exception("pytroll-fetcher stopped on an error")
-        return 1
-    finally:
-        control.close()
-    LOG.info("pytroll-fetcher stopped")
-    return 0
+    return run_until_stopped("pytroll-fetcher",
+                             lambda control: serve(config, subscription, options, control))
 
 
 if __name__ == "__main__":

@@ -570,3 +570,21 @@ class Control:
         for fd in (self._read_fd, self._write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def run_until_stopped(name: str, serve: Callable[[Control], None]) -> int:
+    """Run ``serve(control)`` with SIGTERM/SIGINT wired to ``control``; the exit status.
+
+    0 after a requested stop, 1 when ``serve`` raised (logged with its traceback).
+    """
+    control = Control()
+    control.install_signals()
+    try:
+        serve(control)
+    except Exception:
+        LOG.exception("%s stopped on an error", name)
+        return 1
+    finally:
+        control.close()
+    LOG.info("%s stopped", name)
+    return 0

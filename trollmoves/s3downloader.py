@@ -50,7 +50,7 @@ from trollmoves.filesystems import POOL, endpoint
 from trollmoves.jobqueue import JobQueues
 from trollmoves.logs import add_logging_arguments, setup_logging
 from trollmoves.messages import FILE_TYPES, iter_files, local_file_data
-from trollmoves.receiver import Control, Receiver, SubscriberSettings
+from trollmoves.receiver import Control, Receiver, SubscriberSettings, run_until_stopped
 from trollmoves.transfer import interrupt_retries, transfer
 from trollmoves.urls import parse
 
@@ -503,17 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args)
     for key in settings.unknown_keys:
         LOG.warning("%s: unknown key %r is ignored", args.config_file, key)
-    control = Control()
-    control.install_signals()
-    try:
-        serve(settings, control, args.stop_timeout)
-    except Exception:
-        LOG.exception("s3downloader stopped on an error")
-        return 1
-    finally:
-        control.close()
-    LOG.info("Stopped")
-    return 0
+    return run_until_stopped("s3downloader",
+                             lambda control: serve(settings, control, args.stop_timeout))
 
 
 if __name__ == "__main__":
