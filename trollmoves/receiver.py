@@ -42,6 +42,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from trollmoves.config import file_signature
 from trollmoves.subscription import BATCH, MAX_MESSAGE_BYTES, Waker, posttroll_topic
+from trollmoves.wakeup import WakePipe
 
 LOG = logging.getLogger(__name__)
 
@@ -493,26 +494,21 @@ class Control:
     RELOAD = "reload"
 
     def __init__(self) -> None:
-        self._read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(self._read_fd, True)
+        self._wakeup = WakePipe()
         self._stop = False
         self._reload = False
         self._saved: dict[int, Any] = {}
         self._observer: Any = None
 
-    def _poke(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):  # already poked, or closed
-            os.write(self._write_fd, b"!")
-
     def request_stop(self) -> None:
         """Ask :meth:`wait` to return STOP (safe from any thread or signal handler)."""
         self._stop = True
-        self._poke()
+        self._wakeup.poke()
 
     def request_reload(self) -> None:
         """Ask :meth:`wait` to return RELOAD (safe from any thread or signal handler)."""
         self._reload = True
-        self._poke()
+        self._wakeup.poke()
 
     def install_signals(self, reload: bool = False) -> None:
         """SIGTERM and SIGINT request a stop (a second one ends the process at once); with
@@ -555,7 +551,7 @@ class Control:
             if self._reload:
                 self._reload = False
                 return self.RELOAD
-            os.read(self._read_fd, 4096)
+            self._wakeup.wait()
 
     def close(self) -> None:
         """Stop watching, put the previous signal handlers back, close the pipe."""
@@ -567,9 +563,7 @@ class Control:
         for signum, handler in self._saved.items():
             signal.signal(signum, handler)
         self._saved.clear()
-        for fd in (self._read_fd, self._write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._wakeup.close()
 
 
 def run_until_stopped(name: str, serve: Callable[[Control], None]) -> int:

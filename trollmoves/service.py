@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -55,6 +54,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from trollmoves.config import ConfigError, file_signature, read_ini_sections
+from trollmoves.wakeup import WakePipe
 
 LOG = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ class ServiceRunner:
         self._delay: dict[str, float] = {}  # dead sections: the delay before that
         self._lock = threading.RLock()
         self._observer: Any = None
-        self._read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(self._read_fd, True)
+        self._wakeup = WakePipe()
         self._reload_requested = False
         self._check_requested = False
         self._stop_requested = False
@@ -174,26 +173,20 @@ class ServiceRunner:
             return dict(self._workers)
 
     # -- requests (thread- and signal-safe) ---------------------------------------------------
-    def _wake(self) -> None:
-        if self._stopped:  # the pipe is closed (or closing)
-            return
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._write_fd, b"!")
-
     def request_reload(self) -> None:
         """Ask :meth:`run` to re-read the config file (safe from any thread or signal handler)."""
         self._reload_requested = True
-        self._wake()
+        self._wakeup.poke()
 
     def check_workers(self) -> None:
         """Ask :meth:`run` to restart the workers that stopped working (safe anywhere)."""
         self._check_requested = True
-        self._wake()
+        self._wakeup.poke()
 
     def request_stop(self) -> None:
         """Ask :meth:`run` to stop every worker and return (safe anywhere)."""
         self._stop_requested = True
-        self._wake()
+        self._wakeup.poke()
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> ReloadResult:
@@ -256,10 +249,7 @@ class ServiceRunner:
         """Block until a request arrives or the next restart is due."""
         with self._lock:
             due = min(self._restart_at.values(), default=None)
-        timeout = None if due is None else max(0.0, due - time.monotonic())
-        readable, _, _ = select.select([self._read_fd], [], [], timeout)
-        if readable:
-            os.read(self._read_fd, 4096)
+        self._wakeup.wait(None if due is None else max(0.0, due - time.monotonic()))
 
     def stop(self) -> None:
         """Stop watching the file, then stop every worker and wait for its work in flight."""
@@ -274,9 +264,7 @@ class ServiceRunner:
             names = list(self._workers)
             self._stop_workers(names)
             self._sections.clear()
-        for fd in (self._read_fd, self._write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._wakeup.close()
         LOG.info("Stopped %d section(s)", len(names))
 
     # -- internals --------------------------------------------------------------------------
