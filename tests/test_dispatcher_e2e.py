@@ -27,6 +27,7 @@ from posttroll.message import Message
 from posttroll.subscriber import Subscriber
 
 from tests import servers
+from tests.moveit import wait_for
 from tests.test_receiver import Feed, bad_messages
 from trollmoves.subscription import MAX_MESSAGE_BYTES
 
@@ -34,19 +35,6 @@ DISPATCHER = str(Path(sys.executable).with_name("dispatcher.py"))
 TROLLMOVES = str(Path(sys.executable).with_name("trollmoves"))
 TOPIC = "/e2e/data"
 TIMEOUT = 15.0
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT,
-               interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 class DispatcherProcess:
@@ -230,7 +218,7 @@ def test_dispatch_to_local_sftp_ftp_and_s3(
     local = tmp_path / "local" / "NOAA-19" / f"NOAA-19_{source.name}"
     sftp = tmp_path / "sftp" / "avhrr" / source.name
     ftp = ftp_server.path(f"ftp/n19/{source.name}")
-    wait_until(lambda: local.exists() and sftp.exists() and ftp.exists())
+    wait_for(lambda: local.exists() and sftp.exists() and ftp.exists())
     for path in (local, sftp, ftp):
         assert path.read_bytes() == source.read_bytes()
     s3 = s3_server.client()
@@ -242,12 +230,12 @@ def test_dispatch_to_local_sftp_ftp_and_s3(
         except s3.exceptions.NoSuchKey:
             return None
 
-    assert wait_until(s3_object) == source.read_bytes()
+    assert wait_for(s3_object) == source.read_bytes()
 
     # a viirs file goes to viirs_only; as its queue is ordered, the avhrr file never went there
     marker = make_source(tmp_path, "viirs_marker.h5")
     feeder.send(file_data(marker, sensor="viirs"))
-    wait_until((tmp_path / "viirs" / marker.name).exists)
+    wait_for((tmp_path / "viirs" / marker.name).exists)
     assert not (tmp_path / "viirs" / source.name).exists()
     dispatcher.expect(r"Dispatched .*avhrr_20261121_1000.tif to target ftp "
                       r"\(ftp://troll:\*\*\*@127\.0\.0\.1")
@@ -271,7 +259,7 @@ def test_dataset_and_collection_messages(start: Callable[..., DispatcherProcess]
     out = tmp_path / "out"
     expected = [out / "NOAA-20" / f"M01_{files[0].name}", out / "NOAA-20" / f"M02_{files[1].name}",
                 out / "Metop-C" / f"ch1_{files[2].name}", out / "Metop-C" / f"ch2_{files[3].name}"]
-    wait_until(lambda: all(path.exists() for path in expected))
+    wait_for(lambda: all(path.exists() for path in expected))
     assert [path.read_bytes() for path in expected] == [f"part {i}".encode() for i in range(4)]
 
 
@@ -284,7 +272,7 @@ def test_non_local_file_is_skipped_with_a_warning(start: Callable[..., Dispatche
                       r"the file is not on this host")
     source = make_source(tmp_path, "local.h5")
     feeder.send(file_data(source))
-    wait_until((tmp_path / "out" / source.name).exists)
+    wait_for((tmp_path / "out" / source.name).exists)
     assert not (tmp_path / "out" / "remote.h5").exists()
 
 
@@ -301,14 +289,14 @@ def test_config_edits_while_running(start: Callable[..., DispatcherProcess], fee
                       r"\[local\] dispatch_configs\[0\]\.topics: 5 is not of type", mark)
     one = make_source(tmp_path, "one.h5")
     feeder.send(file_data(one))
-    wait_until((tmp_path / "first" / one.name).exists)
+    wait_for((tmp_path / "first" / one.name).exists)
 
     mark = dispatcher.mark()
     write_config(config, feeder, {"local": local_target(tmp_path / "second")})
     dispatcher.expect("Configuration reloaded", after=mark)
     two = make_source(tmp_path, "two.h5")
     feeder.send(file_data(two))
-    wait_until((tmp_path / "second" / two.name).exists)
+    wait_for((tmp_path / "second" / two.name).exists)
     assert not (tmp_path / "first" / two.name).exists()
 
 
@@ -351,7 +339,7 @@ def test_failed_target_does_not_stop_the_others(start: Callable[..., DispatcherP
     for name in ("first.h5", "second.h5"):
         source = make_source(tmp_path, name)
         feeder.send(file_data(source))
-        wait_until((tmp_path / "out" / name).exists)
+        wait_for((tmp_path / "out" / name).exists)
         dispatcher.expect(rf"ERROR .*Could not dispatch .*{name} to target badftp "
                           rf"\(ftp://troll:\*\*\*@127\.0\.0\.1:{ftp_server.port}/x/{name}\)")
     assert "wrong-pw-4711" not in dispatcher.text
@@ -389,7 +377,7 @@ def test_bad_messages_do_not_stop_the_dispatcher(start: Callable[..., Dispatcher
         feeder.send(file_data(good))
         return (out / "NOAA-19" / good.name).exists()
 
-    wait_until(dispatched, interval=0.2)
+    wait_for(dispatched, interval=0.2)
     for reason in ("UnicodeDecodeError", "ValueError", "RecursionError"):
         dispatcher.expect(rf"WARNING .*not a posttroll message \({reason}")
     dispatcher.expect(r"WARNING .*Skipping file://\[x/a\.h5: the file is not on this host")
