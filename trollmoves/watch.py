@@ -263,8 +263,11 @@ class OriginWatcher:
             if self._watch is not None:
                 self._observer.unschedule(self._watch)
                 self._watch = None
-            exists = os.path.isdir(self.base)
-            directory = self.base if exists else nearest_existing_parent(self.base)
+            # one look at the disk decides both: the base appearing between two looks left it
+            # watched for directory events only, and the files arriving in it unreported
+            parent = nearest_existing_parent(self.base)
+            exists = parent == os.path.abspath(self.base)
+            directory = self.base if exists else parent
             if not exists:
                 if directory != self._watched_dir:
                     LOG.warning("%s: directory %s does not exist yet; waiting for it "
