@@ -102,7 +102,7 @@ def _ssh_kwargs(loc: Location, options: Mapping[str, Any]) -> dict[str, Any]:
     if loc.password is not None:
         opts["password"] = loc.password
     if "encryption_algs" not in opts:
-        opts["encryption_algs"] = _ssh_cipher_preference()
+        opts["encryption_algs"] = ssh_cipher_preference()
     if "known_hosts" not in opts:
         # verify host keys as OpenSSH and trollmoves 0.19 do; known_hosts=None disables it
         default = os.path.expanduser(DEFAULT_KNOWN_HOSTS)
@@ -111,7 +111,7 @@ def _ssh_kwargs(loc: Location, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @cache
-def _ssh_cipher_preference() -> list[str]:
+def ssh_cipher_preference() -> list[str]:
     """asyncssh's ciphers with AES-GCM first: one OpenSSL call per packet (AES-NI) instead of
     three for chacha20-poly1305, which is ~25% more SFTP throughput on this kind of machine.
     Every cipher stays allowed, so any server still negotiates."""
@@ -286,6 +286,9 @@ def close_filesystem(fs: Any) -> None:
     """Close a file system's connection, whatever its kind; errors are only logged."""
     try:
         if hasattr(fs, "_finalize") and hasattr(fs, "_pool"):  # sshfs
+            from trollmoves import opensftp
+
+            opensftp.close_for(fs)
             fs._finalize(fs.loop, fs._pool, fs._stack)
         elif hasattr(fs, "ftp"):
             try:

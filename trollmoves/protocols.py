@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fsspec.asyn import sync
 
+from trollmoves import opensftp
 from trollmoves.errors import VerificationError
 
 #: Files up to this size are uploaded over SFTP in one pipelined exchange.
@@ -83,34 +84,51 @@ def get(fs: Any, protocol: str, rpath: str, lpath: str, callback: Any = None) ->
 
 
 async def _sftp_deliver(fs: Any, data: bytes, tmp: str, final: str) -> int:
-    """Write ``data`` to ``tmp``, check its size, rename it to ``final``: four round trips.
+    """Write ``data`` to ``tmp``, check its size, rename it to ``final``: three round trips.
 
-    The size check and the close go out together (asyncio starts tasks in order, so the
-    fstat request precedes the close on the channel); the rename follows only a verified file.
+    After the open, the writes, the size check and the close go out back to back without
+    waiting for replies (asyncio starts tasks in the order they were made, and a file opened
+    with ``block_size=0`` sends each write as one request, so the server sees them in this
+    order); the rename follows only a file whose every write succeeded and whose size matches.
     """
     async with fs._pool.get() as sftp:
-        handle = await sftp.open(tmp, "wb")
-        try:
-            await handle.write(data)
-            attrs, _ = await asyncio.gather(handle.stat(), handle.close())
-        except BaseException:
+        handle = await sftp.open(tmp, "wb", block_size=0)
+        step = sftp.limits.max_write_len or SFTP_SMALL_FILE
+        view = memoryview(data)
+        writes = [handle.write(view[offset:offset + step], offset)
+                  for offset in range(0, len(data), step)]
+        results = await asyncio.gather(*writes, handle.stat(), handle.close(),
+                                       return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
             with contextlib.suppress(Exception):
                 await handle.close()
-            raise
+            raise failures[0]
+        attrs = results[-2]
         if attrs.size != len(data):
             raise VerificationError(f"wrote {attrs.size} bytes, source has {len(data)}")
         await sftp.posix_rename(tmp, final)
         return attrs.size
 
 
-def quick_delivery(protocol: str, size: int, fs: Any) -> Callable[[str, str, str], int] | None:
-    """A one-exchange ``deliver(lpath, tmp, final) -> size`` for small files, if there is one."""
+def quick_delivery(protocol: str, size: int, fs: Any, options: Mapping[str, Any]
+                   ) -> Callable[[str, str, str], int] | None:
+    """A pipelined ``deliver(lpath, tmp, final) -> size`` for small files, if there is one.
+
+    ``options`` are the ones ``fs`` was built with: they tell whether the OpenSSH client can
+    stand in for asyncssh (see :mod:`trollmoves.opensftp`).
+    """
     if protocol != "ssh" or size > SFTP_SMALL_FILE or not hasattr(fs, "_pool"):
         return None
 
     def deliver(lpath: str, tmp: str, final: str) -> int:
         with open(lpath, "rb") as handle:
             data = handle.read()
+        sessions = opensftp.sessions_for(fs, options)
+        if sessions is not None:
+            delivered = sessions.deliver(data, tmp, final)
+            if delivered is not None:
+                return delivered
         return sync(fs.loop, _sftp_deliver, fs, data, tmp, final)
 
     return deliver

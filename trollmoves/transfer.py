@@ -222,7 +222,8 @@ class _Attempt:
         target = dpath if atomic else temporary_name(dpath)
         quick = None
         if self.src.loc.is_local and not self.checksum and not atomic:
-            quick = protocols.quick_delivery(self.dst.protocol, size, dfs)
+            quick = protocols.quick_delivery(self.dst.protocol, size, dfs,
+                                             self.dst.ep.kwargs)
         try:
             if quick is not None:
                 self._creating_parent(dfs, target, lambda: quick(spath, target, dpath))

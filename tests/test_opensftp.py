@@ -1,0 +1,166 @@
+"""Small-file SFTP uploads through the OpenSSH client, against a real sshd on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import trollmoves
+from trollmoves import errors, opensftp
+from trollmoves.filesystems import POOL
+from trollmoves.movers import move_it
+from trollmoves.transfer import RetryPolicy
+
+
+def _ssh_children() -> list[int]:
+    """Process ids of the OpenSSH clients this test process started and has not reaped."""
+    me = str(os.getpid())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if fields[1] == me and os.path.basename(argv[0]) == b"ssh":
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool() -> Any:
+    POOL.close_all()
+    yield
+    POOL.close_all()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    src = tmp_path / "src"
+    src.mkdir()
+    made = []
+    for index, size in enumerate([0, 1, 65_536, 300_000, 1_500_000]):
+        path = src / f"f{index}.bin"
+        path.write_bytes(os.urandom(size))
+        made.append(path)
+    return made
+
+
+def _key(server: Any) -> dict[str, Any]:
+    return {"ssh_private_key_file": server.key_filename}
+
+
+def test_small_files_go_through_the_openssh_client(sshd_server: Any, files: list[Path],
+                                                   tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out" / "deep"  # missing directories are created on the way
+    caplog.set_level(logging.DEBUG, logger="trollmoves.opensftp")
+    for path in files:
+        final = move_it(str(path), sshd_server.url(out) + "/", attrs=_key(sshd_server))
+        assert final.endswith(path.name)
+        assert (out / path.name).read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files)  # no .part
+    assert "Started an OpenSSH sftp session" in caplog.text
+    assert "staying with asyncssh" not in caplog.text
+    assert len(_ssh_children()) == 1  # one session, reused for every file
+
+
+def test_sessions_close_with_the_pooled_connection(sshd_server: Any, files: list[Path],
+                                                   tmp_path: Path) -> None:
+    trollmoves.copy(files[2], sshd_server.url(tmp_path / "a"), **_key(sshd_server))
+    assert _ssh_children()
+    POOL.close_all()
+    assert _ssh_children() == []
+
+
+def test_parallel_uploads_share_a_bounded_set_of_sessions(sshd_server: Any, files: list[Path],
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "par"
+    sizes = {}
+    jobs = []
+    for index in range(40):
+        src = files[index % len(files)]
+        name = f"p{index:02d}.bin"
+        sizes[name] = src.read_bytes()
+        jobs.append((src, sshd_server.url(out / name)))
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda job: trollmoves.copy(*job, **_key(sshd_server)), jobs))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == sizes
+    assert 1 <= len(_ssh_children()) <= opensftp.MAX_SESSIONS
+
+
+def test_refused_write_is_a_permission_error_and_leaves_nothing(sshd_factory: Any,
+                                                                files: list[Path],
+                                                                tmp_path: Path) -> None:
+    server = sshd_factory(sftp_server="/usr/lib/openssh/sftp-server -R")
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(errors.AccessDeniedError):
+        trollmoves.copy(files[3], server.url(tmp_path / "ro" / "x"), **_key(server))
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_a_killed_client_is_retried_on_a_new_session(sshd_server: Any, files: list[Path],
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "k"
+    trollmoves.copy(files[3], sshd_server.url(out / "first"), **_key(sshd_server))
+    [pid] = _ssh_children()
+    os.kill(pid, signal.SIGKILL)
+    trollmoves.copy(files[4], sshd_server.url(out / "second"), **_key(sshd_server),
+                    retry=RetryPolicy(attempts=2, backoff=0.05, budget=10))
+    assert (out / "second").read_bytes() == files[4].read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["first", "second"]
+
+
+def test_without_an_openssh_client_asyncssh_does_the_work(sshd_server: Any, files: list[Path],
+                                                          tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    trollmoves.copy(files[3], sshd_server.url(tmp_path / "n" / "x"), **_key(sshd_server))
+    assert (tmp_path / "n" / "x").read_bytes() == files[3].read_bytes()
+    assert _ssh_children() == []
+
+
+def test_a_client_that_cannot_log_in_falls_back_to_asyncssh(sshd_server: Any, files: list[Path],
+                                                            tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'Permission denied (publickey).' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    caplog.set_level(logging.DEBUG, logger="trollmoves.opensftp")
+    for index in range(3):
+        trollmoves.copy(files[2], sshd_server.url(tmp_path / "f" / f"x{index}"),
+                        **_key(sshd_server))
+    assert len(list((tmp_path / "f").iterdir())) == 3
+    assert caplog.text.count("staying with asyncssh") == 1  # tried once per connection
+    assert "Permission denied (publickey)" in caplog.text
+
+
+def test_options_the_openssh_client_cannot_honour_keep_asyncssh() -> None:
+    base = {"_host": "127.0.0.1", "port": 2222, "username": "troll",
+            "client_keys": ["~/.ssh/k"], "known_hosts": None}
+    argv = opensftp.ssh_argv(base)
+    assert argv is not None
+    assert argv[-4:] == ["-s", "--", "127.0.0.1", "sftp"]
+    assert argv[argv.index("-p"):argv.index("-p") + 2] == ["-p", "2222"]
+    assert "StrictHostKeyChecking=no" in argv and "IdentitiesOnly=yes" in argv
+    strict = opensftp.ssh_argv({**base, "known_hosts": "/etc/kh"})
+    assert strict is not None and "UserKnownHostsFile=/etc/kh" in strict
+    assert "StrictHostKeyChecking=yes" in strict
+    for extra in ({"password": "secret"}, {"passphrase": "x"}, {"known_hosts": ()},
+                  {"encryption_algs": ["aes256-ctr"]}, {"client_keys": [object()]},
+                  {"proxy_command": "nc %h %p"}):
+        assert opensftp.ssh_argv({**base, **extra}) is None, extra

@@ -1,0 +1,365 @@
+"""Small-file SFTP uploads through the OpenSSH client (``ssh -s host sftp``).
+
+For files of a few kilobytes the cost of an upload is per-request overhead, not bytes: asyncssh
+frames, encrypts and logs every SSH packet in Python (about 1 ms of CPU per file), while the
+OpenSSH client does that work in C, as OpenSSH's own ``sftp`` does. Here Python only writes
+SFTP packets into the client's standard input and reads the replies: one open, then the writes,
+a size check and the close back to back, then the rename — three round trips per file.
+
+Used only where the OpenSSH client can do exactly what the asyncssh connection would: key or
+agent authentication (never a password or a key passphrase), host keys checked against the same
+``known_hosts`` file (or not at all when that is disabled), default ciphers. Otherwise, or when
+``ssh`` is missing or cannot log in, the caller keeps using asyncssh. Sessions belong to one
+pooled SSH file system and are closed with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+from trollmoves.errors import ConnectionFailedError, VerificationError
+from trollmoves.filesystems import ssh_cipher_preference
+from trollmoves.urls import redact_text
+
+LOG = logging.getLogger(__name__)
+
+#: asyncssh options this path reproduces with the OpenSSH client; any other one rules it out.
+_SUPPORTED = frozenset({"_host", "host", "port", "username", "client_keys", "known_hosts",
+                        "connect_timeout", "encryption_algs", "max_sessions", "timeout"})
+#: OpenSSH client sessions per pooled connection (one upload at a time in each).
+MAX_SESSIONS = 4
+
+# SFTP version 3 (draft-ietf-secsh-filexfer-02) packet types, flags and status codes
+_INIT, _VERSION, _OPEN, _CLOSE, _WRITE, _FSTAT = 1, 2, 3, 4, 6, 8
+_STATUS, _HANDLE, _ATTRS, _EXTENDED, _EXTENDED_REPLY = 101, 102, 105, 200, 201
+_WRITE_FLAGS = 0x02 | 0x08 | 0x10  # WRITE | CREAT | TRUNC
+_ATTR_SIZE, _ATTR_UIDGID, _ATTR_PERMISSIONS, _ATTR_ACMODTIME = 0x1, 0x2, 0x4, 0x8
+_ATTR_EXTENDED = 0x80000000
+_NO_SUCH_FILE, _PERMISSION_DENIED = 2, 3
+_POSIX_RENAME = b"posix-rename@openssh.com"
+_LIMITS = b"limits@openssh.com"
+_DEFAULT_WRITE = 32 * 1024  # every SFTP server must accept this much per write
+_DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+class SFTPStatusError(OSError):
+    """A request the SFTP server refused with a status code."""
+
+
+def _string(value: bytes) -> bytes:
+    return struct.pack(">I", len(value)) + value
+
+
+class _Reply:
+    """One SFTP reply packet being decoded."""
+
+    def __init__(self, kind: int, body: bytes) -> None:
+        self.kind = kind
+        self.body = body
+        self.pos = 0
+
+    def uint32(self) -> int:
+        value = struct.unpack_from(">I", self.body, self.pos)[0]
+        self.pos += 4
+        return value
+
+    def uint64(self) -> int:
+        value = struct.unpack_from(">Q", self.body, self.pos)[0]
+        self.pos += 8
+        return value
+
+    def string(self) -> bytes:
+        size = self.uint32()
+        value = self.body[self.pos:self.pos + size]
+        self.pos += size
+        return value
+
+    def size_attr(self) -> int | None:
+        """The size in an ATTRS structure (other attributes are skipped)."""
+        flags = self.uint32()
+        return self.uint64() if flags & _ATTR_SIZE else None
+
+
+class Session:
+    """One ``ssh -s sftp`` process: requests go out on its stdin, replies come on its stdout."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, start_new_session=True)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._out: IO[bytes] = self._proc.stdin
+        self._in: IO[bytes] = self._proc.stdout
+        self._next_id = 0
+        try:
+            self._out.write(struct.pack(">IBI", 5, _INIT, 3))
+            self._out.flush()
+            version = self._read()
+        except (OSError, ConnectionFailedError) as err:
+            reason = self.failure()
+            self.close()
+            raise ConnectionFailedError(reason) from err
+        if version.kind != _VERSION:
+            self.close()
+            raise ConnectionFailedError("the SFTP server did not start")
+        version.uint32()
+        extensions = {}
+        while version.pos < len(version.body):
+            name = version.string()
+            extensions[name] = version.string()
+        self.usable = _POSIX_RENAME in extensions
+        self.write_size = _DEFAULT_WRITE
+        if self.usable and _LIMITS in extensions:
+            limits = self._exchange([self._extended(_LIMITS)])[0]
+            if limits.kind == _EXTENDED_REPLY:
+                limits.uint64()  # max packet length
+                limits.uint64()  # max read length
+                self.write_size = limits.uint64() or _DEFAULT_WRITE
+
+    # -- framing ---------------------------------------------------------------------------
+    def _request(self, kind: int, payload: bytes) -> tuple[int, bytes]:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        head = struct.pack(">IBI", len(payload) + 5, kind, self._next_id)
+        return self._next_id, head + payload
+
+    def _extended(self, name: bytes, *args: bytes) -> tuple[int, bytes]:
+        return self._request(_EXTENDED, _string(name) + b"".join(map(_string, args)))
+
+    def _read(self) -> _Reply:
+        head = self._in.read(5)
+        if len(head) < 5:
+            raise ConnectionFailedError(self.failure())
+        length, kind = struct.unpack(">IB", head)
+        body = self._in.read(length - 1)
+        if len(body) < length - 1:
+            raise ConnectionFailedError(self.failure())
+        return _Reply(kind, body)
+
+    def _exchange(self, requests: Sequence[tuple[int, bytes]]) -> list[_Reply]:
+        """Send requests back to back, then collect one reply for each, in request order."""
+        try:
+            self._out.write(b"".join(packet for _, packet in requests))
+            self._out.flush()
+        except OSError as err:
+            raise ConnectionFailedError(self.failure()) from err
+        replies: dict[int, _Reply] = {}
+        while len(replies) < len(requests):
+            reply = self._read()
+            replies[reply.uint32()] = reply
+        return [replies[request_id] for request_id, _ in requests]
+
+    @staticmethod
+    def _check(reply: _Reply, path: str) -> None:
+        """Raise for an error status (OK and the expected reply types pass)."""
+        if reply.kind != _STATUS:
+            return
+        code = reply.uint32()
+        if code == 0:
+            return
+        message = reply.string().decode("utf-8", "replace")
+        number = {_NO_SUCH_FILE: 2, _PERMISSION_DENIED: 13}.get(code, 5)  # ENOENT/EACCES/EIO
+        error = {2: FileNotFoundError, 13: PermissionError}.get(number, SFTPStatusError)
+        raise error(number, message or f"SFTP status {code}", path)
+
+    # -- the one operation -------------------------------------------------------------------
+    def deliver(self, data: bytes, tmp: str, final: str) -> int:
+        """Write ``data`` to ``tmp``, check its size, then rename it over ``final``."""
+        opened = self._exchange([self._request(
+            _OPEN, _string(tmp.encode()) + struct.pack(">II", _WRITE_FLAGS, 0))])[0]
+        self._check(opened, tmp)
+        if opened.kind != _HANDLE:
+            raise SFTPStatusError(5, "unexpected reply to open", tmp)
+        handle = _string(opened.string())
+        view = memoryview(data)
+        writes = [self._request(_WRITE, handle + struct.pack(">Q", offset)
+                                + _string(bytes(view[offset:offset + self.write_size])))
+                  for offset in range(0, len(data), self.write_size)]
+        replies = self._exchange([*writes, self._request(_FSTAT, handle),
+                                  self._request(_CLOSE, handle)])
+        for reply in replies:
+            self._check(reply, tmp)
+        size = replies[-2].size_attr() if replies[-2].kind == _ATTRS else None
+        if size != len(data):
+            raise VerificationError(f"wrote {size} bytes, source has {len(data)}")
+        renamed = self._exchange([self._extended(_POSIX_RENAME, tmp.encode(), final.encode())])
+        self._check(renamed[0], final)
+        return len(data)
+
+    def failure(self) -> str:
+        """What the OpenSSH client said before it stopped (first lines, redacted)."""
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "the OpenSSH client stopped answering"
+        self._stderr.seek(0)
+        said = self._stderr.read(2000).decode("utf-8", "replace").strip()
+        detail = "; ".join(line for line in said.splitlines()[:3] if line)
+        return redact_text(f"ssh exited with status {self._proc.returncode}"
+                           + (f": {detail}" if detail else ""))
+
+    def close(self) -> None:
+        """End the session and reap the process."""
+        for stream in (self._out, self._in):
+            with contextlib.suppress(OSError):
+                stream.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._stderr.close()
+
+
+def ssh_argv(options: Mapping[str, Any], ssh: str = "ssh") -> list[str] | None:
+    """The OpenSSH client command matching asyncssh ``options``, or None if there is none."""
+    ciphers = options.get("encryption_algs")
+    if set(options) - _SUPPORTED or (ciphers is not None
+                                     and list(ciphers) != ssh_cipher_preference()):
+        return None
+    host = options.get("_host") or options.get("host")
+    keys = options.get("client_keys")
+    known = options.get("known_hosts", "~/.ssh/known_hosts")
+    if not host or (keys is not None and not all(isinstance(k, str) for k in keys)):
+        return None
+    argv = [ssh, "-x", "-a", "-q", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3",
+            "-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+    if known is None:
+        argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    elif isinstance(known, str):
+        argv += ["-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no",
+                 "-o", f"UserKnownHostsFile={os.path.expanduser(known)}",
+                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "CheckHostIP=no"]
+    else:
+        return None
+    # asyncssh reads ~/.ssh from $HOME; the OpenSSH client from the password database: name
+    # the same configuration and keys explicitly so that both behave alike
+    config = os.path.expanduser("~/.ssh/config")
+    argv += ["-F", config if os.path.exists(config) else "none"]
+    if keys:
+        argv += ["-o", "IdentitiesOnly=yes"]
+    else:
+        keys = [path for name in _DEFAULT_KEYS
+                if os.path.exists(path := os.path.expanduser(f"~/.ssh/{name}"))]
+    for key in keys:
+        argv += ["-i", os.path.expanduser(key)]
+    if options.get("connect_timeout"):
+        argv += ["-o", f"ConnectTimeout={max(1, round(float(options['connect_timeout'])))}"]
+    if options.get("port"):
+        argv += ["-p", str(int(options["port"]))]
+    if options.get("username"):
+        argv += ["-l", str(options["username"])]
+    return [*argv, "-s", "--", str(host), "sftp"]
+
+
+class Sessions:
+    """The OpenSSH sessions of one pooled connection: up to :data:`MAX_SESSIONS` at once."""
+
+    def __init__(self, argv: list[str] | None) -> None:
+        self.argv = argv
+        #: no OpenSSH client for this connection (options it cannot honour, or it failed to
+        #: log in): asyncssh does the work instead
+        self.broken = argv is None
+        self._idle: list[Session] = []
+        self._count = 0
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def deliver(self, data: bytes, tmp: str, final: str) -> int | None:
+        """Upload through a free session; None when the OpenSSH client cannot be used."""
+        session = self._take()
+        if session is None:
+            return None
+        try:
+            size = session.deliver(data, tmp, final)
+        except (FileNotFoundError, PermissionError, SFTPStatusError):
+            self._give(session)  # the server refused one request; the session is fine
+            raise
+        except BaseException:
+            self._drop(session)  # lost, or in an unknown state
+            raise
+        self._give(session)
+        return size
+
+    def _take(self) -> Session | None:
+        with self._changed:
+            while True:
+                if self.broken or self._closed:
+                    return None
+                if self._idle:
+                    return self._idle.pop()
+                if self._count < MAX_SESSIONS:
+                    self._count += 1
+                    break
+                self._changed.wait()
+        assert self.argv is not None
+        try:
+            session = Session(self.argv)
+            if session.usable:
+                LOG.debug("Started an OpenSSH sftp session to %s", self.argv[-2])
+                return session
+            session.close()
+            reason = f"the SFTP server lacks {_POSIX_RENAME.decode()}"
+        except ConnectionFailedError as err:
+            reason = str(err)
+        LOG.debug("OpenSSH client not usable here, staying with asyncssh: %s", reason)
+        with self._changed:
+            self._count -= 1
+            self.broken = True
+            self._changed.notify_all()
+        return None
+
+    def _give(self, session: Session) -> None:
+        with self._changed:
+            if not self._closed:
+                self._idle.append(session)
+                self._changed.notify()
+                return
+        self._drop(session)
+
+    def _drop(self, session: Session) -> None:
+        session.close()
+        with self._changed:
+            self._count -= 1
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Close idle sessions now; busy ones when their upload returns."""
+        with self._changed:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._changed.notify_all()
+        for session in idle:
+            self._drop(session)
+
+
+_SESSIONS: weakref.WeakKeyDictionary[Any, Sessions] = weakref.WeakKeyDictionary()
+_SESSIONS_LOCK = threading.Lock()
+
+
+def sessions_for(fs: Any, options: Mapping[str, Any]) -> Sessions | None:
+    """The OpenSSH sessions to use beside the pooled SSH file system ``fs``, if any."""
+    with _SESSIONS_LOCK:
+        found = _SESSIONS.get(fs)
+        if found is None:
+            ssh = shutil.which("ssh")
+            found = _SESSIONS[fs] = Sessions(ssh_argv(options, ssh) if ssh else None)
+    return None if found.broken else found
+
+
+def close_for(fs: Any) -> None:
+    """Close the OpenSSH sessions that belong to ``fs`` (when the pool closes it)."""
+    with _SESSIONS_LOCK:
+        found = _SESSIONS.pop(fs, None)
+    if found is not None:
+        found.close()
