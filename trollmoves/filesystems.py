@@ -243,8 +243,34 @@ def _chained_kwargs(loc: Location, inner_url: str, options: Mapping[str, Any]
     return kwargs
 
 
+_ENDPOINTS: dict[tuple[Any, ...], Endpoint] = {}
+_ENDPOINTS_MAX = 256
+
+
 def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
-    """Describe the file system serving ``loc`` with ``options`` (no connection made)."""
+    """Describe the file system serving ``loc`` with ``options`` (no connection made).
+
+    Remembered per (protocol, host, port, user, options): a stream of files to one server
+    describes its endpoint once, not once per file.
+    """
+    if loc.protocol not in _KWARG_BUILDERS or _chain(loc) is not None:
+        return _describe(loc, options)
+    try:
+        token = json.dumps(options, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return _describe(loc, options)
+    trusted = loc.protocol == "ssh" and os.path.exists(os.path.expanduser(DEFAULT_KNOWN_HOSTS))
+    key = (loc.protocol, loc.host, loc.port, loc.user, loc.password, token, trusted)
+    found = _ENDPOINTS.get(key)
+    if found is None:
+        found = _describe(loc, options)
+        if len(_ENDPOINTS) >= _ENDPOINTS_MAX:
+            _ENDPOINTS.clear()
+        _ENDPOINTS[key] = found
+    return found
+
+
+def _describe(loc: Location, options: Mapping[str, Any]) -> Endpoint:
     protocol = loc.protocol
     cls = filesystem_class(protocol)
     builder = _KWARG_BUILDERS.get(protocol)

@@ -95,15 +95,22 @@ class Session:
 
     def __init__(self, argv: Sequence[str]) -> None:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, start_new_session=True)
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._out: IO[bytes] = self._proc.stdin
+        stdin_r, stdin_w = os.pipe()
+        try:
+            self._proc = subprocess.Popen(argv, stdin=stdin_r, stdout=subprocess.PIPE,
+                                          stderr=self._stderr, start_new_session=True)
+        except OSError as err:
+            os.close(stdin_w)
+            self._stderr.close()
+            raise ConnectionFailedError(f"cannot start {argv[0]}: {err.strerror}") from err
+        finally:
+            os.close(stdin_r)
+        assert self._proc.stdout is not None
+        self._out = stdin_w  # written with os.write: one system call per batch of requests
         self._in: IO[bytes] = self._proc.stdout
         self._next_id = 0
         try:
-            self._out.write(struct.pack(">IBI", 5, _INIT, 3))
-            self._out.flush()
+            self._send(struct.pack(">IBI", 5, _INIT, 3))
             version = self._read()
         except (OSError, ConnectionFailedError) as err:
             reason = self.failure()
@@ -135,6 +142,11 @@ class Session:
     def _extended(self, name: bytes, *args: bytes) -> tuple[int, bytes]:
         return self._request(_EXTENDED, _string(name) + b"".join(map(_string, args)))
 
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._out, view):]
+
     def _read(self) -> _Reply:
         head = self._in.read(5)
         if len(head) < 5:
@@ -148,8 +160,7 @@ class Session:
     def _exchange(self, requests: Sequence[tuple[int, bytes]]) -> list[_Reply]:
         """Send requests back to back, then collect one reply for each, in request order."""
         try:
-            self._out.write(b"".join(packet for _, packet in requests))
-            self._out.flush()
+            self._send(b"".join(packet for _, packet in requests))
         except OSError as err:
             raise ConnectionFailedError(self.failure()) from err
         replies: dict[int, _Reply] = {}
@@ -209,9 +220,10 @@ class Session:
 
     def close(self) -> None:
         """End the session and reap the process."""
-        for stream in (self._out, self._in):
-            with contextlib.suppress(OSError):
-                stream.close()
+        with contextlib.suppress(OSError):
+            os.close(self._out)
+        with contextlib.suppress(OSError):
+            self._in.close()
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
