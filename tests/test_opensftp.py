@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fsspec.callbacks import Callback
 
 import trollmoves
 from trollmoves import errors, opensftp
@@ -164,3 +165,28 @@ def test_options_the_openssh_client_cannot_honour_keep_asyncssh() -> None:
                   {"encryption_algs": ["aes256-ctr"]}, {"client_keys": [object()]},
                   {"proxy_command": "nc %h %p"}):
         assert opensftp.ssh_argv({**base, **extra}) is None, extra
+
+
+class _Progress(Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates: list[int] = []
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        self.updates.append(self.value)
+
+
+def test_large_file_streams_through_the_client_with_progress(sshd_server: Any, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(40 * 1024 * 1024 + 123))
+    progress = _Progress()
+    caplog.set_level(logging.DEBUG, logger="trollmoves.opensftp")
+    trollmoves.copy(big, sshd_server.url(tmp_path / "out") + "/", callback=progress,
+                    **_key(sshd_server))
+    assert (tmp_path / "out" / "big.bin").read_bytes() == big.read_bytes()
+    assert "Started an OpenSSH sftp session" in caplog.text
+    assert progress.size == big.stat().st_size
+    assert progress.updates == sorted(progress.updates) and len(progress.updates) > 10
+    assert progress.updates[-1] == big.stat().st_size

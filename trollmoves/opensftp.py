@@ -1,10 +1,10 @@
-"""Small-file SFTP uploads through the OpenSSH client (``ssh -s host sftp``).
+"""SFTP uploads through the OpenSSH client (``ssh -s host sftp``).
 
-For files of a few kilobytes the cost of an upload is per-request overhead, not bytes: asyncssh
-frames, encrypts and logs every SSH packet in Python (about 1 ms of CPU per file), while the
-OpenSSH client does that work in C, as OpenSSH's own ``sftp`` does. Here Python only writes
-SFTP packets into the client's standard input and reads the replies: one open, then the writes,
-a size check and the close back to back, then the rename — three round trips per file.
+asyncssh frames, encrypts and logs every SSH packet in Python: about 1 ms of CPU per small file,
+and the event loop's thread for every byte of a large one. The OpenSSH client does that work in
+C, as OpenSSH's own ``sftp`` does; here Python only writes SFTP requests into the client's
+standard input and reads the replies. A small file costs three round trips: the open; the
+writes, a size check and the close back to back; the rename.
 
 Used only where the OpenSSH client can do exactly what the asyncssh connection would: key or
 agent authentication (never a password or a key passphrase), host keys checked against the same
@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
@@ -38,6 +39,8 @@ _SUPPORTED = frozenset({"_host", "host", "port", "username", "client_keys", "kno
                         "connect_timeout", "encryption_algs", "max_sessions", "timeout"})
 #: OpenSSH client sessions per pooled connection (one upload at a time in each).
 MAX_SESSIONS = 4
+#: Write requests in flight per upload (OpenSSH's sftp keeps 64 x 32 KiB).
+WINDOW = 16
 
 # SFTP version 3 (draft-ietf-secsh-filexfer-02) packet types, flags and status codes
 _INIT, _VERSION, _OPEN, _CLOSE, _WRITE, _FSTAT = 1, 2, 3, 4, 6, 8
@@ -109,6 +112,7 @@ class Session:
         self._out = stdin_w  # written with os.write: one system call per batch of requests
         self._in: IO[bytes] = self._proc.stdout
         self._next_id = 0
+        self._early: dict[int, _Reply] = {}
         try:
             self._send(struct.pack(">IBI", 5, _INIT, 3))
             version = self._read()
@@ -127,7 +131,7 @@ class Session:
         self.usable = _POSIX_RENAME in extensions
         self.write_size = _DEFAULT_WRITE
         if self.usable and _LIMITS in extensions:
-            limits = self._exchange([self._extended(_LIMITS)])[0]
+            [limits] = self._exchange(self._extended(_LIMITS))
             if limits.kind == _EXTENDED_REPLY:
                 limits.uint64()  # max packet length
                 limits.uint64()  # max read length
@@ -157,17 +161,24 @@ class Session:
             raise ConnectionFailedError(self.failure())
         return _Reply(kind, body)
 
-    def _exchange(self, requests: Sequence[tuple[int, bytes]]) -> list[_Reply]:
-        """Send requests back to back, then collect one reply for each, in request order."""
+    def _post(self, *requests: tuple[int, bytes]) -> list[int]:
+        """Send requests back to back; return their ids (replies are read with _reply_to)."""
         try:
             self._send(b"".join(packet for _, packet in requests))
         except OSError as err:
             raise ConnectionFailedError(self.failure()) from err
-        replies: dict[int, _Reply] = {}
-        while len(replies) < len(requests):
+        return [request_id for request_id, _ in requests]
+
+    def _reply_to(self, request_id: int) -> _Reply:
+        """The reply to one request, keeping any that arrive before it."""
+        while request_id not in self._early:
             reply = self._read()
-            replies[reply.uint32()] = reply
-        return [replies[request_id] for request_id, _ in requests]
+            self._early[reply.uint32()] = reply
+        return self._early.pop(request_id)
+
+    def _exchange(self, *requests: tuple[int, bytes]) -> list[_Reply]:
+        """Send requests back to back, then collect their replies, in request order."""
+        return [self._reply_to(request_id) for request_id in self._post(*requests)]
 
     @staticmethod
     def _check(reply: _Reply, path: str) -> None:
@@ -183,28 +194,66 @@ class Session:
         raise error(number, message or f"SFTP status {code}", path)
 
     # -- the one operation -------------------------------------------------------------------
-    def deliver(self, data: bytes, tmp: str, final: str) -> int:
-        """Write ``data`` to ``tmp``, check its size, then rename it over ``final``."""
-        opened = self._exchange([self._request(
-            _OPEN, _string(tmp.encode()) + struct.pack(">II", _WRITE_FLAGS, 0))])[0]
-        self._check(opened, tmp)
-        if opened.kind != _HANDLE:
-            raise SFTPStatusError(5, "unexpected reply to open", tmp)
-        handle = _string(opened.string())
-        view = memoryview(data)
-        writes = [self._request(_WRITE, handle + struct.pack(">Q", offset)
-                                + _string(bytes(view[offset:offset + self.write_size])))
-                  for offset in range(0, len(data), self.write_size)]
-        replies = self._exchange([*writes, self._request(_FSTAT, handle),
-                                  self._request(_CLOSE, handle)])
-        for reply in replies:
-            self._check(reply, tmp)
-        size = replies[-2].size_attr() if replies[-2].kind == _ATTRS else None
-        if size != len(data):
-            raise VerificationError(f"wrote {size} bytes, source has {len(data)}")
-        renamed = self._exchange([self._extended(_POSIX_RENAME, tmp.encode(), final.encode())])
-        self._check(renamed[0], final)
-        return len(data)
+    def upload(self, lpath: str, tmp: str, final: str, callback: Any = None) -> int:
+        """Copy the local file ``lpath`` to ``tmp``, check its size, rename it over ``final``.
+
+        Writes stream with up to :data:`WINDOW` requests in flight; the size check and the
+        close follow the last write at once, and the rename only a complete file: a file that
+        fits in one window costs three round trips.
+        """
+        with open(lpath, "rb") as source:
+            size = os.fstat(source.fileno()).st_size
+            if callback is not None:
+                callback.set_size(size)
+            [opened] = self._exchange(self._request(
+                _OPEN, _string(tmp.encode()) + struct.pack(">II", _WRITE_FLAGS, 0)))
+            self._check(opened, tmp)
+            if opened.kind != _HANDLE:
+                raise SFTPStatusError(5, "unexpected reply to open", tmp)
+            handle = _string(opened.string())
+            writes: deque[tuple[int, int]] = deque()  # (request id, end offset) in flight
+            sent = 0
+            try:
+                while chunk := source.read(self.write_size):
+                    [request_id] = self._post(self._request(
+                        _WRITE, handle + struct.pack(">Q", sent) + _string(chunk)))
+                    sent += len(chunk)
+                    writes.append((request_id, sent))
+                    if len(writes) >= WINDOW:
+                        self._acknowledged(writes.popleft(), tmp, callback)
+            except BaseException:
+                # a write was refused or the source could not be read: close, drain, give up
+                ids = self._post(self._request(_CLOSE, handle))
+                for request_id in [w for w, _ in writes] + ids:
+                    self._reply_to(request_id)
+                raise
+            stat_id, close_id = self._post(self._request(_FSTAT, handle),
+                                           self._request(_CLOSE, handle))
+            refused: list[BaseException] = []
+            for write in writes:
+                try:
+                    self._acknowledged(write, tmp, callback)
+                except OSError as err:
+                    refused.append(err)
+            stat, closed = self._reply_to(stat_id), self._reply_to(close_id)
+            if refused:
+                raise refused[0]
+            self._check(stat, tmp)
+            self._check(closed, tmp)
+        got = stat.size_attr() if stat.kind == _ATTRS else None
+        if got != size or sent != size:
+            raise VerificationError(f"wrote {got} bytes, source has {size}"
+                                    + ("" if sent == size else f" (read {sent})"))
+        [renamed] = self._exchange(self._extended(_POSIX_RENAME, tmp.encode(), final.encode()))
+        self._check(renamed, final)
+        return size
+
+    def _acknowledged(self, write: tuple[int, int], path: str, callback: Any) -> None:
+        """Wait for one write's reply; report progress up to its end."""
+        request_id, end = write
+        self._check(self._reply_to(request_id), path)
+        if callback is not None:
+            callback.absolute_update(end)
 
     def failure(self) -> str:
         """What the OpenSSH client said before it stopped (first lines, redacted)."""
@@ -287,13 +336,13 @@ class Sessions:
         self._changed = threading.Condition()
         self._closed = False
 
-    def deliver(self, data: bytes, tmp: str, final: str) -> int | None:
+    def upload(self, lpath: str, tmp: str, final: str, callback: Any = None) -> int | None:
         """Upload through a free session; None when the OpenSSH client cannot be used."""
         session = self._take()
         if session is None:
             return None
         try:
-            size = session.deliver(data, tmp, final)
+            size = session.upload(lpath, tmp, final, callback)
         except (FileNotFoundError, PermissionError, SFTPStatusError):
             self._give(session)  # the server refused one request; the session is fine
             raise

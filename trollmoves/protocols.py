@@ -112,23 +112,33 @@ async def _sftp_deliver(fs: Any, data: bytes, tmp: str, final: str) -> int:
 
 
 def quick_delivery(protocol: str, size: int, fs: Any, options: Mapping[str, Any]
-                   ) -> Callable[[str, str, str], int] | None:
-    """A pipelined ``deliver(lpath, tmp, final) -> size`` for small files, if there is one.
+                   ) -> Callable[[str, str, str, Any], int] | None:
+    """``deliver(lpath, tmp, final, callback) -> size``: write, check the size, rename, in as few
+    round trips as the protocol allows; None when the generic path is as good.
 
     ``options`` are the ones ``fs`` was built with: they tell whether the OpenSSH client can
     stand in for asyncssh (see :mod:`trollmoves.opensftp`).
     """
-    if protocol != "ssh" or size > SFTP_SMALL_FILE or not hasattr(fs, "_pool"):
+    if protocol != "ssh" or not hasattr(fs, "_pool"):
+        return None
+    sessions = opensftp.sessions_for(fs, options)
+    if sessions is None and size > SFTP_SMALL_FILE:
         return None
 
-    def deliver(lpath: str, tmp: str, final: str) -> int:
-        with open(lpath, "rb") as handle:
-            data = handle.read()
-        sessions = opensftp.sessions_for(fs, options)
+    def deliver(lpath: str, tmp: str, final: str, callback: Any = None) -> int:
         if sessions is not None:
-            delivered = sessions.deliver(data, tmp, final)
+            delivered = sessions.upload(lpath, tmp, final, callback)
             if delivered is not None:
                 return delivered
+        if size > SFTP_SMALL_FILE:  # the OpenSSH client turned out unusable: asyncssh's put
+            put(fs, protocol, lpath, tmp, callback)
+            got = fs.size(tmp)
+            if got != size:
+                raise VerificationError(f"wrote {got} bytes, source has {size}")
+            fs.mv(tmp, final)
+            return size
+        with open(lpath, "rb") as handle:
+            data = handle.read()
         return sync(fs.loop, _sftp_deliver, fs, data, tmp, final)
 
     return deliver

@@ -226,7 +226,8 @@ class _Attempt:
                                              self.dst.ep.kwargs)
         try:
             if quick is not None:
-                self._creating_parent(dfs, target, lambda: quick(spath, target, dpath))
+                self._creating_parent(dfs, target,
+                                      lambda: quick(spath, target, dpath, self.callback))
                 self._finish(sfs, spath)
                 return size, None
             self._creating_parent(dfs, target, lambda: self._send(sfs, spath, dfs, target))
