@@ -245,6 +245,8 @@ def _chained_kwargs(loc: Location, inner_url: str, options: Mapping[str, Any]
 
 _ENDPOINTS: dict[tuple[Any, ...], Endpoint] = {}
 _ENDPOINTS_MAX = 256
+#: Protocols whose endpoint depends on host, port, user and options only, not on the path.
+_CACHEABLE = frozenset({"file", *_KWARG_BUILDERS})
 
 
 def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
@@ -253,7 +255,7 @@ def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
     Remembered per (protocol, host, port, user, options): a stream of files to one server
     describes its endpoint once, not once per file.
     """
-    if loc.protocol not in _KWARG_BUILDERS or _chain(loc) is not None:
+    if loc.protocol not in _CACHEABLE or _chain(loc) is not None:
         return _describe(loc, options)
     try:
         token = json.dumps(options, sort_keys=True, default=repr)
