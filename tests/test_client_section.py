@@ -438,3 +438,31 @@ def test_a_live_server_that_never_answers_the_push_is_not_replaced(
     assert [r.type for r in stuck.requests] == ["push", "ping"]
     assert other.requested("push") == ["b.h5"]  # a.h5 never: it may still arrive from stuck
     assert watcher.uids("file") == ["b.h5"] and not client.tracker.is_done(("a.h5",))
+
+
+def test_a_takeover_the_primary_finishes_after_all_is_announced_once(
+        watchers: list[Listener],
+        section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    release = threading.Event()
+
+    def slow(request: Message) -> Message | None:
+        release.wait(DEADLINE)  # the spare's push is in flight until the primary has announced
+        return push_ok(request)
+
+    server = fake_server(slow)
+    primary = fake_server()
+    spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
+                    processing_delay=0.1, transfer_req_timeout=0.3)
+    watcher = _subscribed_watcher(spare, [server, primary], watchers)
+    message = server.announce("a.h5")
+    primary.publish(Message("/1b/hrit", "push", message.data))  # then is slow to finish
+    with caplog.at_level(logging.WARNING):
+        wait_for(lambda: server.requests, what="the spare's takeover push")
+        primary.publish(Message("/1b/hrit", "file", {"uid": "a.h5", "uri": "/dst/a.h5"}))
+        wait_for(lambda: spare.tracker.peer_delivered(("a.h5",)), what="the primary's file")
+        release.set()
+        watcher.collect(lambda ms: any(m.type == "ack" for m in ms))
+        wait_for(lambda: "not announcing it again" in caplog.text, what="the decision logged")
+    assert watcher.of_type("file") == []
+    assert spare.tracker.is_done(("a.h5",))

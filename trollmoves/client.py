@@ -444,6 +444,13 @@ class ClientSection:
             LOG.error("No transfer of %s from %s: %s", transfer.key[0], transfer.server, detail)
             self._request_next(transfer.key)
             return
+        if self.tracker.peer_delivered(transfer.key):
+            # both got it (a slow transfer the other took over): one announcement is enough
+            LOG.warning("%s was delivered and announced by another client meanwhile; not "
+                        "announcing it again", transfer.key[0])
+            self._send(ack_request(transfer.announcement).encode())
+            self._finish(transfer.key, delivered=True)
+            return
         delivered = False
         try:
             self._delivered(transfer, reply)

@@ -271,6 +271,12 @@ class Tracker(Generic[A]):
             entry = self._entries.get(key)
             return None if entry is None else entry.state
 
+    def peer_delivered(self, key: FileKey) -> bool:
+        """True when another client announced ``key`` delivered while this one transferred it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.peer_done
+
     def is_done(self, key: FileKey) -> bool:
         """True when ``key`` is known to be delivered."""
         with self._lock:
