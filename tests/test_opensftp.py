@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,10 +73,28 @@ def test_small_files_go_through_the_openssh_client(sshd_server: Any, files: list
         final = move_it(str(path), sshd_server.url(out) + "/", attrs=_key(sshd_server))
         assert final.endswith(path.name)
         assert (out / path.name).read_bytes() == path.read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files)  # no .part
     assert "Started an OpenSSH sftp session" in caplog.text
     assert "staying with asyncssh" not in caplog.text
     assert len(_ssh_children()) == 1  # one session, reused for every file
+    # files keep coming here: the next one is opened ahead, hidden, until the session ends
+    [ahead] = [p for p in out.iterdir() if p.name not in {f.name for f in files}]
+    assert ahead.name.startswith(".trollmoves-") and ahead.name.endswith(".part")
+    POOL.close_all()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files)
+
+
+def test_the_file_opened_ahead_is_removed_when_the_program_ends(sshd_server: Any,
+                                                                files: list[Path],
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "exit"
+    script = (
+        "import sys, trollmoves\n"
+        "for path in sys.argv[3:]:\n"
+        "    trollmoves.copy(path, sys.argv[1], ssh_key_filename=sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, sshd_server.url(out) + "/",
+                    sshd_server.key_filename, *map(str, files)], check=True, timeout=60)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in files)
 
 
 def test_sessions_close_with_the_pooled_connection(sshd_server: Any, files: list[Path],
@@ -96,8 +117,9 @@ def test_parallel_uploads_share_a_bounded_set_of_sessions(sshd_server: Any, file
         jobs.append((src, sshd_server.url(out / name)))
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda job: trollmoves.copy(*job, **_key(sshd_server)), jobs))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == sizes
     assert 1 <= len(_ssh_children()) <= opensftp.MAX_SESSIONS
+    POOL.close_all()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == sizes
 
 
 def test_refused_write_is_a_permission_error_and_leaves_nothing(sshd_factory: Any,
@@ -190,3 +212,19 @@ def test_large_file_streams_through_the_client_with_progress(sshd_server: Any, t
     assert progress.size == big.stat().st_size
     assert progress.updates == sorted(progress.updates) and len(progress.updates) > 10
     assert progress.updates[-1] == big.stat().st_size
+
+
+def test_changing_directories_and_a_vanished_directory_leave_nothing_behind(
+        sshd_server: Any, files: list[Path], tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    for index in range(6):  # two files to one, two to two, and so on
+        target = one if index // 2 % 2 == 0 else two
+        trollmoves.copy(files[3], sshd_server.url(target / f"f{index}"), **_key(sshd_server))
+    assert sorted(p.name for p in one.iterdir() if not p.name.startswith(".")) == [
+        "f0", "f1", "f4", "f5"]
+    shutil.rmtree(one)  # with the file opened ahead in it
+    trollmoves.copy(files[2], sshd_server.url(one / "again"), **_key(sshd_server))
+    POOL.close_all()
+    assert sorted(p.name for p in one.iterdir()) == ["again"]
+    assert sorted(p.name for p in two.iterdir()) == ["f2", "f3"]
+    assert (one / "again").read_bytes() == files[2].read_bytes()

@@ -15,17 +15,21 @@ pooled SSH file system and are closed with it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import posixpath
 import shutil
 import struct
 import subprocess
 import tempfile
 import threading
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 from trollmoves.errors import ConnectionFailedError, VerificationError
@@ -43,9 +47,10 @@ MAX_SESSIONS = 4
 WINDOW = 16
 
 # SFTP version 3 (draft-ietf-secsh-filexfer-02) packet types, flags and status codes
-_INIT, _VERSION, _OPEN, _CLOSE, _WRITE, _FSTAT = 1, 2, 3, 4, 6, 8
+_INIT, _VERSION, _OPEN, _CLOSE, _WRITE, _FSTAT, _REMOVE = 1, 2, 3, 4, 6, 8, 13
 _STATUS, _HANDLE, _ATTRS, _EXTENDED, _EXTENDED_REPLY = 101, 102, 105, 200, 201
 _WRITE_FLAGS = 0x02 | 0x08 | 0x10  # WRITE | CREAT | TRUNC
+_SPARE_FLAGS = 0x02 | 0x08 | 0x20  # WRITE | CREAT | EXCL
 _ATTR_SIZE, _ATTR_UIDGID, _ATTR_PERMISSIONS, _ATTR_ACMODTIME = 0x1, 0x2, 0x4, 0x8
 _ATTR_EXTENDED = 0x80000000
 _NO_SUCH_FILE, _PERMISSION_DENIED = 2, 3
@@ -93,6 +98,15 @@ class _Reply:
         return self.uint64() if flags & _ATTR_SIZE else None
 
 
+@dataclass(frozen=True)
+class _Spare:
+    """A hidden file opened ahead in ``directory``, for the next upload there."""
+
+    directory: str
+    path: str
+    handle: bytes  #: as sent in requests (length-prefixed)
+
+
 class Session:
     """One ``ssh -s sftp`` process: requests go out on its stdin, replies come on its stdout."""
 
@@ -113,6 +127,8 @@ class Session:
         self._in: IO[bytes] = self._proc.stdout
         self._next_id = 0
         self._early: dict[int, _Reply] = {}
+        self._spare: _Spare | None = None  #: a file opened ahead for the next upload
+        self._last_dir: str | None = None
         try:
             self._send(struct.pack(">IBI", 5, _INIT, 3))
             version = self._read()
@@ -198,55 +214,100 @@ class Session:
         """Copy the local file ``lpath`` to ``tmp``, check its size, rename it over ``final``.
 
         Writes stream with up to :data:`WINDOW` requests in flight; the size check and the
-        close follow the last write at once, and the rename only a complete file: a file that
-        fits in one window costs three round trips.
+        close follow the last write at once, and the rename only a complete file. When files
+        keep coming to one directory, the rename also opens a hidden file there for the next
+        one (removed when the session ends): a small file then costs two round trips.
         """
+        directory = posixpath.dirname(tmp)
+        spare, self._spare = self._spare, None
         with open(lpath, "rb") as source:
             size = os.fstat(source.fileno()).st_size
             if callback is not None:
                 callback.set_size(size)
-            [opened] = self._exchange(self._request(
-                _OPEN, _string(tmp.encode()) + struct.pack(">II", _WRITE_FLAGS, 0)))
-            self._check(opened, tmp)
-            if opened.kind != _HANDLE:
-                raise SFTPStatusError(5, "unexpected reply to open", tmp)
-            handle = _string(opened.string())
-            writes: deque[tuple[int, int]] = deque()  # (request id, end offset) in flight
-            sent = 0
+            ahead = spare is not None and spare.directory == directory
+            if spare is not None and ahead:
+                tmp, handle = spare.path, spare.handle
+            else:
+                handle = self._open(tmp, spare)
             try:
-                while chunk := source.read(self.write_size):
-                    [request_id] = self._post(self._request(
-                        _WRITE, handle + struct.pack(">Q", sent) + _string(chunk)))
-                    sent += len(chunk)
-                    writes.append((request_id, sent))
-                    if len(writes) >= WINDOW:
-                        self._acknowledged(writes.popleft(), tmp, callback)
-            except BaseException:
-                # a write was refused or the source could not be read: close, drain, give up
-                ids = self._post(self._request(_CLOSE, handle))
-                for request_id in [w for w, _ in writes] + ids:
-                    self._reply_to(request_id)
+                self._write(source, handle, size, tmp, callback)
+            except ConnectionFailedError:
                 raise
-            stat_id, close_id = self._post(self._request(_FSTAT, handle),
-                                           self._request(_CLOSE, handle))
-            refused: list[BaseException] = []
-            for write in writes:
-                try:
-                    self._acknowledged(write, tmp, callback)
-                except OSError as err:
-                    refused.append(err)
-            stat, closed = self._reply_to(stat_id), self._reply_to(close_id)
-            if refused:
-                raise refused[0]
-            self._check(stat, tmp)
-            self._check(closed, tmp)
+            except BaseException:
+                if ahead:  # the caller cleans up the name it gave, not this one
+                    self._remove_quietly(tmp)
+                raise
+        self._finish(tmp, final, directory)
+        return size
+
+    def _open(self, tmp: str, stale: _Spare | None) -> bytes:
+        """Open ``tmp`` for writing (and let go of a spare file opened for another directory)."""
+        requests = [] if stale is None else [self._request(_CLOSE, stale.handle),
+                                             self._request(_REMOVE, _string(stale.path.encode()))]
+        *ignored, open_id = self._post(*requests, self._request(
+            _OPEN, _string(tmp.encode()) + struct.pack(">II", _WRITE_FLAGS, 0)))
+        for request_id in ignored:
+            self._reply_to(request_id)
+        opened = self._reply_to(open_id)
+        self._check(opened, tmp)
+        if opened.kind != _HANDLE:
+            raise SFTPStatusError(5, "unexpected reply to open", tmp)
+        return _string(opened.string())
+
+    def _write(self, source: IO[bytes], handle: bytes, size: int, tmp: str,
+               callback: Any) -> None:
+        """Stream ``source`` into the open ``handle``, check its size and close it."""
+        writes: deque[tuple[int, int]] = deque()  # (request id, end offset) in flight
+        sent = 0
+        try:
+            while chunk := source.read(self.write_size):
+                [request_id] = self._post(self._request(
+                    _WRITE, handle + struct.pack(">Q", sent) + _string(chunk)))
+                sent += len(chunk)
+                writes.append((request_id, sent))
+                if len(writes) >= WINDOW:
+                    self._acknowledged(writes.popleft(), tmp, callback)
+        except BaseException:
+            # a write was refused or the source could not be read: close, drain, give up
+            ids = self._post(self._request(_CLOSE, handle))
+            for request_id in [w for w, _ in writes] + ids:
+                self._reply_to(request_id)
+            raise
+        stat_id, close_id = self._post(self._request(_FSTAT, handle),
+                                       self._request(_CLOSE, handle))
+        refused: list[BaseException] = []
+        for pending in writes:
+            try:
+                self._acknowledged(pending, tmp, callback)
+            except OSError as err:
+                refused.append(err)
+        stat, closed = self._reply_to(stat_id), self._reply_to(close_id)
+        if refused:
+            raise refused[0]
+        self._check(stat, tmp)
+        self._check(closed, tmp)
         got = stat.size_attr() if stat.kind == _ATTRS else None
         if got != size or sent != size:
             raise VerificationError(f"wrote {got} bytes, source has {size}"
                                     + ("" if sent == size else f" (read {sent})"))
-        [renamed] = self._exchange(self._extended(_POSIX_RENAME, tmp.encode(), final.encode()))
+
+    def _finish(self, tmp: str, final: str, directory: str) -> None:
+        """Rename the complete file; open the next one beside it if files keep coming here."""
+        rename = self._extended(_POSIX_RENAME, tmp.encode(), final.encode())
+        if self._last_dir != directory:
+            self._last_dir = directory
+            [renamed] = self._exchange(rename)
+        else:
+            path = posixpath.join(directory, f".trollmoves-{uuid.uuid4().hex[:12]}.part")
+            renamed, opened = self._exchange(rename, self._request(
+                _OPEN, _string(path.encode()) + struct.pack(">II", _SPARE_FLAGS, 0)))
+            if opened.kind == _HANDLE:
+                self._spare = _Spare(directory, path, _string(opened.string()))
         self._check(renamed, final)
-        return size
+
+    def _remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(OSError, ConnectionFailedError):
+            self._exchange(self._request(_REMOVE, _string(path.encode())))
 
     def _acknowledged(self, write: tuple[int, int], path: str, callback: Any) -> None:
         """Wait for one write's reply; report progress up to its end."""
@@ -268,7 +329,12 @@ class Session:
                            + (f": {detail}" if detail else ""))
 
     def close(self) -> None:
-        """End the session and reap the process."""
+        """Remove the spare file, end the session and reap the process."""
+        spare, self._spare = self._spare, None
+        if spare is not None and self._proc.poll() is None:
+            with contextlib.suppress(OSError, ConnectionFailedError):
+                self._exchange(self._request(_CLOSE, spare.handle),
+                               self._request(_REMOVE, _string(spare.path.encode())))
         with contextlib.suppress(OSError):
             os.close(self._out)
         with contextlib.suppress(OSError):
@@ -416,6 +482,16 @@ def sessions_for(fs: Any, options: Mapping[str, Any]) -> Sessions | None:
             ssh = shutil.which("ssh")
             found = _SESSIONS[fs] = Sessions(ssh_argv(options, ssh) if ssh else None)
     return None if found.broken else found
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every OpenSSH session (at exit: their spare files are removed)."""
+    with _SESSIONS_LOCK:
+        found = list(_SESSIONS.values())
+        _SESSIONS.clear()
+    for sessions in found:
+        sessions.close()
 
 
 def close_for(fs: Any) -> None:
