@@ -2,7 +2,8 @@
 
 fsspec's FTP file objects open one data connection per block, and asyncssh's ``put`` machinery
 costs milliseconds per small file; these functions do the same work in one STOR/RETR, or in one
-pipelined SFTP exchange. Everything else goes through fsspec's own ``put_file``/``get_file``.
+pipelined SFTP exchange. S3 uploads have their own multipart loop (:mod:`trollmoves.s3upload`).
+Everything else goes through fsspec's own ``put_file``/``get_file``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,6 @@ from trollmoves.errors import VerificationError
 #: Files up to this size are uploaded over SFTP in one pipelined exchange.
 SFTP_SMALL_FILE = 4 * 1024 * 1024
 FTP_BLOCK = 1 << 20
-#: Multipart size for S3 uploads: s3fs's 50 MiB parts leave its 10 parallel uploads idle
-#: for files of a few hundred MiB; 8 MiB (as the AWS CLI uses) keeps them busy.
-S3_PART_SIZE = 8 * 1024 * 1024
-#: Parts in flight at once: signing and checksumming hold the GIL, so beyond about two per
-#: core more parallel parts only add overhead (measured on 2 cores against moto).
-S3_PARALLEL_PARTS = max(2, 2 * (os.cpu_count() or 1))
 
 
 def ftp_put(fs: Any, lpath: str, rpath: str, callback: Any = None) -> None:
@@ -65,9 +60,12 @@ def put(fs: Any, protocol: str, lpath: str, rpath: str, callback: Any = None) ->
     if protocol == "ftp":
         ftp_put(fs, lpath, rpath, callback)
         return
+    if protocol == "s3" and hasattr(fs, "_call_s3"):
+        from trollmoves import s3upload  # botocore only for S3 users
+
+        s3upload.put_file(fs, lpath, rpath, callback)
+        return
     kwargs: dict[str, Any] = {}
-    if protocol == "s3":
-        kwargs = {"chunksize": S3_PART_SIZE, "max_concurrency": S3_PARALLEL_PARTS}
     if callback is not None:
         kwargs["callback"] = callback
     fs.put_file(lpath, rpath, **kwargs)
