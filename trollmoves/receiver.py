@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,11 +34,10 @@ from posttroll.address_receiver import get_configured_address_port
 from posttroll.backends.zmq.ns import create_nameserver_address
 from posttroll.backends.zmq.socket import set_up_client_socket
 from posttroll.message import _MAGICK, Message
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 from zmq.utils.monitor import recv_monitor_message
 
 from trollmoves.config import file_signature
+from trollmoves.control import FileWatch, Signature, install_signals
 from trollmoves.subscription import BATCH, MAX_MESSAGE_BYTES, Waker, posttroll_topic
 from trollmoves.wakeup import WakePipe
 
@@ -463,26 +460,6 @@ class Receiver:
 # ------------------------------------------------------------------------- the main thread
 
 
-Signature = tuple[int, int, int] | None
-
-
-class _FileChanged(FileSystemEventHandler):
-    """Call ``on_change`` when the signature (inode, size, mtime) of ``path`` changes."""
-
-    def __init__(self, path: str, signature: Signature, on_change: Callable[[], None]) -> None:
-        super().__init__()
-        self.path = path
-        self.signature = signature
-        self.on_change = on_change
-
-    def on_any_event(self, event: FileSystemEvent | None) -> None:
-        """Any event in the directory may be the file (editors rename, k8s swaps links)."""
-        signature = file_signature(self.path)
-        if signature != self.signature:
-            self.signature = signature
-            self.on_change()
-
-
 class Control:
     """What the main thread of a front end waits for: a stop or a reload request.
 
@@ -497,8 +474,8 @@ class Control:
         self._wakeup = WakePipe()
         self._stop = False
         self._reload = False
-        self._saved: dict[int, Any] = {}
-        self._observer: Any = None
+        self._restore: list[Callable[[], None]] = []
+        self._watch: FileWatch | None = None
 
     def request_stop(self) -> None:
         """Ask :meth:`wait` to return STOP (safe from any thread or signal handler)."""
@@ -513,35 +490,20 @@ class Control:
     def install_signals(self, reload: bool = False) -> None:
         """SIGTERM and SIGINT request a stop (a second one ends the process at once); with
         ``reload``, SIGHUP requests a reload. Call from the main thread."""
-        def on_stop(signum: int, frame: Any) -> None:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.request_stop()
-
-        handlers: dict[int, Callable[[int, Any], None]] = {signal.SIGTERM: on_stop,
-                                                           signal.SIGINT: on_stop}
-        if reload:
-            handlers[signal.SIGHUP] = lambda signum, frame: self.request_reload()
-        for signum, handler in handlers.items():
-            self._saved.setdefault(signum, signal.getsignal(signum))
-            signal.signal(signum, handler)
+        self._restore.append(install_signals(self.request_stop,
+                                             self.request_reload if reload else None))
 
     def watch(self, path: str, loaded: Signature) -> None:
         """Request a reload whenever the file at ``path`` changes (watchdog, no polling);
         ``loaded`` is the :func:`~trollmoves.config.file_signature` of the version in use, so
         that a change made before the watch began is not missed."""
-        directory = os.path.dirname(os.path.abspath(path))
-        observer = Observer()
-        handler = _FileChanged(path, loaded, self.request_reload)
-        observer.schedule(handler, directory, recursive=False)
-        observer.daemon = True
-        try:
-            observer.start()
-        except OSError as err:
-            LOG.warning("Cannot watch %s for changes (%s); reload with SIGHUP", directory, err)
-            return
-        self._observer = observer
-        handler.on_any_event(None)  # a change before the observer started
+        seen = [loaded]
+
+        def changed() -> None:
+            seen[0] = file_signature(path)
+            self.request_reload()
+
+        self._watch = FileWatch(path, lambda: seen[0], changed)
 
     def wait(self) -> str:
         """Block until a request comes; STOP wins over RELOAD."""
@@ -555,14 +517,11 @@ class Control:
 
     def close(self) -> None:
         """Stop watching, put the previous signal handlers back, close the pipe."""
-        if self._observer is not None:
-            self._observer.stop()
-            with contextlib.suppress(RuntimeError):
-                self._observer.join()
-            self._observer = None
-        for signum, handler in self._saved.items():
-            signal.signal(signum, handler)
-        self._saved.clear()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        while self._restore:
+            self._restore.pop()()
         self._wakeup.close()
 
 

@@ -32,37 +32,21 @@ unsafe runs inside a signal handler.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from watchdog.events import (
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-
 from trollmoves.config import ConfigError, file_signature, read_ini_sections
+from trollmoves.control import FileWatch, install_signals
 from trollmoves.wakeup import WakePipe
 
 LOG = logging.getLogger(__name__)
 
 Sections = dict[str, dict[str, Any]]
-#: Events that may change the config file: written, replaced by a rename, (re)linked, removed.
-#: Not modifications: a log file in the same directory would wake the watcher all the time.
-_CONFIG_EVENTS = [FileClosedEvent, FileMovedEvent, FileCreatedEvent, FileDeletedEvent,
-                  DirMovedEvent]
 
 
 class Worker(Protocol):
@@ -107,19 +91,6 @@ class ReloadResult:
         return bool(self.added or self.changed or self.removed)
 
 
-class _ConfigFileHandler(FileSystemEventHandler):
-    """Ask for a reload when the watched file's signature changes."""
-
-    def __init__(self, runner: ServiceRunner) -> None:
-        super().__init__()
-        self.runner = runner
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        """Any change in the directory may be the file (editors rename, k8s swaps links)."""
-        if file_signature(self.runner.config_path) != self.runner.loaded_signature:
-            self.runner.request_reload()
-
-
 class ServiceRunner:
     """Start, reload and stop the workers of the sections of one INI file.
 
@@ -151,7 +122,7 @@ class ServiceRunner:
         self._restart_at: dict[str, float] = {}  # dead sections: when to start them again
         self._delay: dict[str, float] = {}  # dead sections: the delay before that
         self._lock = threading.RLock()
-        self._observer: Any = None
+        self._observer: FileWatch | None = None
         self._wakeup = WakePipe()
         self._reload_requested = False
         self._check_requested = False
@@ -385,35 +356,13 @@ class ServiceRunner:
             LOG.info("Stopped section %s", name)
 
     def _watch(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.config_path))
-        observer = Observer()
-        observer.schedule(_ConfigFileHandler(self), directory, recursive=False,
-                          event_filter=_CONFIG_EVENTS)
-        observer.daemon = True
-        try:
-            observer.start()
-        except OSError as err:
-            LOG.warning("Cannot watch %s for changes (%s); reload with SIGHUP", directory, err)
-            return
-        self._observer = observer
+        self._observer = FileWatch(self.config_path, lambda: self.loaded_signature,
+                                   self.request_reload)
 
     def _unwatch(self) -> None:
         if self._observer is not None:
             self._observer.stop()
-            with contextlib.suppress(RuntimeError):
-                self._observer.join()
             self._observer = None
 
     def _install_signals(self) -> None:
-        def on_reload(signum: int, frame: Any) -> None:
-            self.request_reload()
-
-        def on_stop(signum: int, frame: Any) -> None:
-            # a second signal ends the process at once
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.request_stop()
-
-        signal.signal(signal.SIGHUP, on_reload)
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
+        install_signals(self.request_stop, self.request_reload)
