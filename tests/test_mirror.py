@@ -265,6 +265,30 @@ def test_ack_and_delete_clean_staging_then_a_push_fetches_again(workers: list[Se
     assert len(pushes) == 2 and (tmp_path / "two" / uid).exists()
 
 
+def test_staged_copies_go_after_their_retention_without_delete(workers: list[Section],
+                                                                tmp_path: Path) -> None:
+    server, upstream = upstream_file(workers, tmp_path)
+    mirror, _ = start_mirror(workers, tmp_path, staging_retention=0.2)
+    pushes = count_requests(server)
+    mirror.on_upstream(upstream)
+    uid = upstream.data["uid"]
+    staged = tmp_path / "stage" / uid
+    assert mirror.handle(push(uid, tmp_path / "one", upstream.data)).type == "file"
+    wait_for(lambda: not staged.exists(), DEADLINE, "the staged copy expired")
+    assert mirror.handle(push(uid, tmp_path / "two", upstream.data)).type == "file"
+    assert len(pushes) == 2 and (tmp_path / "two" / uid).read_bytes() == b"segment"
+
+
+def test_a_zero_staging_retention_keeps_staged_copies(workers: list[Section],
+                                                      tmp_path: Path) -> None:
+    _, upstream = upstream_file(workers, tmp_path)
+    mirror, _ = start_mirror(workers, tmp_path, staging_retention=0)
+    mirror.on_upstream(upstream)
+    uid = upstream.data["uid"]
+    assert mirror.handle(push(uid, tmp_path / "one", upstream.data)).type == "file"
+    assert (tmp_path / "stage" / uid).exists() and mirror.remover.pending() == 0
+
+
 def test_a_dataset_is_staged_and_delivered_whole(workers: list[Section], tmp_path: Path) -> None:
     _, first = upstream_file(workers, tmp_path)
     second = new_file(tmp_path / "src", 1)

@@ -19,7 +19,9 @@ section::
   at the same time, then copies the staged file to the requested destination through the copy
   engine and replies. A failed fetch is an ``err`` reply. The staged copy serves later pushes
   while it exists; with ``delete`` it is removed ``remove_delay`` seconds after a push or an
-  ``ack``. Other sources of a fetched file get an ``ack``, as a client sends them.
+  ``ack``, and in any case ``staging_retention`` seconds after it was fetched (default 600;
+  0 keeps it), so that the staging directory does not fill up. Other sources of a fetched file
+  get an ``ack``, as a client sends them.
 
 The sections run under :class:`trollmoves.service.ServiceRunner` (config edits and SIGHUP reload
 changed sections, SIGTERM stops cleanly); requests are answered by the server's
@@ -82,6 +84,8 @@ NAME = "move_it_mirror"
 ALL_TOPICS = "/"
 #: Seconds a client waiting for another client's fetch waits beyond the fetch's own bound.
 FOLLOWER_MARGIN = 1.0
+#: Seconds a staged copy is kept after its fetch (``staging_retention``; 0: kept).
+DEFAULT_STAGING_RETENTION = 600.0
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -283,6 +287,8 @@ class MirrorSection(Section):
         self.requesters = requesters
         self.registry = Registry()
         self.staging = Staging()
+        self.staging_retention = float(config.get("staging_retention",
+                                                  DEFAULT_STAGING_RETENTION))
         origin = self.config.get("origin")
         self.name_filter = globify(posixpath.basename(origin)) if origin else None
         self._waker: Waker | None = None
@@ -422,6 +428,9 @@ class MirrorSection(Section):
                 continue
             LOG.info("%s: fetched %s from %s into staging in %.1f ms", self.name, key[0],
                      address, (time.monotonic() - started) * 1000)
+            if self.staging_retention > 0:
+                for path in staged.values():
+                    self.remover.schedule(path, self.staging_retention)
             self.registry.settle(key, fetched=True)
             for other in self.registry.sources(key):  # also those announced meanwhile
                 if other is not announcement:
