@@ -34,6 +34,7 @@ from tests.moveit import (
     write_ini,
 )
 from tests.test_client_e2e import client_section, dirs, hrit_name, hrit_server_section
+from trollmoves.requester import Requester
 
 pytestmark = pytest.mark.skipif(installed("move_it_mirror.py") is None,
                                 reason="move_it_mirror.py is not installed (pip install -e .)")
@@ -254,3 +255,31 @@ def test_between_a_reference_server_and_a_reference_client(tmp_path: Path) -> No
                         count=len(names))
     finally:
         setup.close()
+
+
+def test_a_file_announced_before_a_config_edit_is_served_after_it(setup: Deployment,
+                                                                  tmp_path: Path) -> None:
+    src, stage, dst = dirs(tmp_path, "src", "stage", "dst")
+    server_port, _ = setup.server({"hrit": hrit_server_section(src)})
+    mirror_port, mirror_req = ports(2)
+    listener = Listener([mirror_port])
+    setup.listeners.append(listener)
+    section = mirror_section([server_port], stage, mirror_req)
+    mirror = start_mirror(setup, {"hrit": section}, mirror_port)
+    setup.run()
+    wait_receiving(mirror, server_port)
+    listener.wait_connected()
+    name = hrit_name(4)
+    drop(src, name)
+    [relayed] = [m for m in announced(listener, 1)
+                 if m.type == "file" and m.data.get("uid") == name]
+    write_ini(tmp_path / "mirror" / "mirror.ini", {"hrit": {**section, "info": "network=dmz2"}})
+    mirror.wait_log(r"Reloaded .*changed \['hrit'\]")
+    requester = Requester(f"tcp://127.0.0.1:{mirror_req}")
+    try:
+        reply = requester.request(
+            Message(TOPIC, "push", {**relayed.data, "destination": f"{dst}/"}), timeout=20)
+    finally:
+        requester.close()
+    assert reply.type == "file", reply.data
+    assert (dst / name).read_bytes() == b"x" * 1024

@@ -277,7 +277,8 @@ class MirrorSection(Section):
     pushes from the staging directory."""
 
     def __init__(self, name: str, config: Mapping[str, Any], context: ServerContext,
-                 requesters: RequesterPool) -> None:
+                 requesters: RequesterPool, registry: Registry | None = None,
+                 staging: Staging | None = None) -> None:
         topic = subscription_topic(config)
         super().__init__(name, {**config, "topic": config.get("topic") or topic}, context)
         if self.requests is None:
@@ -285,8 +286,8 @@ class MirrorSection(Section):
         self.client = ClientSettings.from_section(name, {**config, "topic": topic})
         self.compression = None  # files are relayed as they are
         self.requesters = requesters
-        self.registry = Registry()
-        self.staging = Staging()
+        self.registry = Registry() if registry is None else registry
+        self.staging = Staging() if staging is None else staging
         self.staging_retention = float(config.get("staging_retention",
                                                   DEFAULT_STAGING_RETENTION))
         origin = self.config.get("origin")
@@ -506,11 +507,17 @@ class Mirror(Server):
     def __init__(self, config_path: str, *, port: int = DEFAULT_PORT,
                  grace: float = PUBLISHER_GRACE) -> None:
         self.requesters = RequesterPool()
+        # what a section knows outlives its reload: files announced before a config edit
+        # can still be requested after it
+        self._registries: dict[str, Registry] = {}
+        self._staging: dict[str, Staging] = {}
         super().__init__(config_path, port=port, backlog=False, grace=grace)
 
     def _make_section(self, name: str, config: dict[str, Any]) -> MirrorSection:
         assert self.context is not None
-        return MirrorSection(name, config, self.context, self.requesters)
+        return MirrorSection(name, config, self.context, self.requesters,
+                             self._registries.setdefault(name, Registry()),
+                             self._staging.setdefault(name, Staging()))
 
     def run(self) -> None:
         """Publish, start the sections and serve until SIGTERM/SIGINT."""
