@@ -2,6 +2,8 @@
 
 "Not reported" is checked without waiting for a timeout: a sentinel file written afterwards is
 reported after anything that came before it, so once it arrives the queue says everything.
+Races of the inotify reader (a directory's files landing before its watch, a full event
+queue) are made certain by holding the reader in the sink while the disk changes.
 """
 
 from __future__ import annotations
@@ -13,27 +15,34 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from trollmoves import inotify
 from trollmoves.watch import OriginPattern, OriginWatcher, nearest_existing_parent
 
 DEADLINE = 10.0
-# watchdog's own, harmless, when a directory is created with sub-directories (see watch.py)
-pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 
 
 class Sink:
-    """Collects reported files in a queue."""
+    """Collects reported files in a queue; holds the reporting thread at a file named in
+    :attr:`hold_at` until :attr:`release` is set (:attr:`holding` tells it got there)."""
 
     def __init__(self) -> None:
         self.queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.hold_at = ""
+        self.holding = threading.Event()
+        self.release = threading.Event()
 
     def __call__(self, path: str, fields: dict[str, Any]) -> None:
         self.queue.put((path, fields))
+        if path == self.hold_at:
+            self.holding.set()
+            self.release.wait(DEADLINE)
 
     def next(self) -> tuple[str, dict[str, Any]]:
         return self.queue.get(timeout=DEADLINE)
@@ -91,6 +100,16 @@ def test_pattern_base_and_recursion() -> None:
     assert nested.match("/data/npp/extra/2026/11/21/x.h5") is None  # too deep
     assert nested.match("/data/npp/2026/11/21/.x.h5") is None  # hidden: temporary
     assert OriginPattern("/d/{a}/.{b}").match("/d/x/.y") == {"a": "x", "b": "y"}
+
+
+def test_pattern_directory_levels() -> None:
+    nested = OriginPattern("/data/{platform}/{time:%Y/%m/%d}/{name}.h5")
+    assert nested.levels == ("*", "????", "??", "??")
+    assert nested.may_hold("npp", 1) and nested.may_hold(".staging", 1)
+    assert nested.may_hold("2026", 2) and not nested.may_hold("20261", 2)
+    assert not nested.may_hold("x", 5)  # below the files' directory
+    assert OriginPattern("/data/in/{name}.h5").levels == ()
+    assert OriginPattern("/tmp/in/{p}_{t:%Y}/{s}.h5", skip_levels=-3).levels == ("in", "*_????")
 
 
 def test_pattern_skip_levels() -> None:
@@ -223,6 +242,107 @@ def test_symlinked_base_reports_configured_paths(watchers: list[OriginWatcher],
     sink = watch(watchers, tmp_path / "link" / "{name}.dat")
     write(real / "x.dat")
     assert sink.next()[0] == str(tmp_path / "link" / "x.dat")
+
+
+def test_base_directory_moved_away_and_recreated(watchers: list[OriginWatcher],
+                                                tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    sink = watch(watchers, base / "{name}.dat")
+    first = write(base / "a.dat")
+    assert sink.next()[0] == str(first)
+    os.rename(base, tmp_path / "old")
+    write(tmp_path / "old" / "stale.dat")  # no longer in the watched place: never reported
+    base.mkdir()
+    again = write(base / "b.dat")
+    assert sink.until(again) == [str(again)]
+
+
+def test_waited_for_parent_removed_too(watchers: list[OriginWatcher], tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    base = tmp_path / "a" / "b" / "c"
+    sink = watch(watchers, base / "{name}.dat")
+    shutil.rmtree(tmp_path / "a")  # the directory watched while waiting goes too
+    first = write(base / "x.dat")  # creates a, b and c again
+    assert sink.next()[0] == str(first)
+
+
+def test_files_of_a_directory_created_before_its_watch_are_found(
+        watchers: list[OriginWatcher], tmp_path: Path) -> None:
+    sink = watch(watchers, tmp_path / "{platform}" / "{day}" / "{name}.h5")
+    sink.hold_at = str(tmp_path / "npp" / "1" / "hold.h5")
+    write(Path(sink.hold_at))
+    assert sink.holding.wait(DEADLINE)
+    # the reader is held: j01/2 and its files exist before they can be watched
+    early = [write(tmp_path / "j01" / "2" / f"{name}.h5") for name in ("a", "b")]
+    sink.release.set()
+    assert sorted(p for p, _ in [sink.next(), sink.next(), sink.next()]) == sorted(
+        [sink.hold_at, *map(str, early)])
+    later = write(tmp_path / "j01" / "2" / "c.h5")  # and it is watched from now on
+    assert sink.until(later)[-1] == str(later)
+
+
+def test_directory_moved_out_is_not_watched_any_more(watchers: list[OriginWatcher],
+                                                     tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    sink = watch(watchers, base / "{platform}" / "{name}.h5")
+    first = write(base / "npp" / "a.h5")
+    assert sink.next()[0] == str(first)
+    os.rename(base / "npp", tmp_path / "npp")
+    write(tmp_path / "npp" / "b.h5")  # outside: its events must not name base/npp/b.h5
+    os.rename(tmp_path / "npp", base / "j01")  # back in under another name: watched again
+    sentinel = write(base / "j01" / "c.h5")
+    seen = sink.until(sentinel)
+    assert str(base / "npp" / "b.h5") not in seen
+    assert str(base / "j01" / "b.h5") in seen  # found by the scan of the moved-in directory
+
+
+def test_directories_the_pattern_cannot_use_are_not_watched(watchers: list[OriginWatcher],
+                                                            tmp_path: Path) -> None:
+    (tmp_path / "20261121").mkdir()
+    (tmp_path / "not-a-day" / "deeper").mkdir(parents=True)
+    sink = watch(watchers, tmp_path / "{day:%Y%m%d}" / "{name}.h5")
+    watched = sorted(path for path, _ in watchers[-1]._dirs.values())
+    assert watched == [str(tmp_path), str(tmp_path / "20261121")]
+    sentinel = write(tmp_path / "20261121" / "a.h5")
+    assert sink.until(sentinel) == [str(sentinel)]
+
+
+def test_event_queue_overflow_is_followed_by_a_scan(watchers: list[OriginWatcher],
+                                                    tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 1_000_000:
+        pytest.skip(f"the inotify queue holds {limit} events: too many to fill")
+    caplog.set_level(logging.INFO, logger="trollmoves.watch")
+    sink = watch(watchers, tmp_path / "{name}.dat", name="full")
+    sink.hold_at = str(write(tmp_path / "hold.dat"))
+    assert sink.holding.wait(DEADLINE)
+    pair = [write(tmp_path / "a.dat"), write(tmp_path / "b.dat")]
+    for number in range(limit + 10):  # a close after writing each, alternating: none merged
+        os.close(os.open(pair[number % 2], os.O_WRONLY))
+    lost = write(tmp_path / "lost.dat")  # its event finds the queue full
+    sink.release.set()
+    assert sink.until(lost)[-1] == str(lost)
+    sentinel = write(tmp_path / "sentinel.dat")  # reported once the scan is over
+    assert sink.until(sentinel) == [str(sentinel)]
+    assert "full: the inotify event queue overflowed; scanning" in caplog.text
+    assert "full: 1 file(s) not reported yet" in caplog.text
+
+
+def test_inotify_events_are_parsed(tmp_path: Path) -> None:
+    with inotify.Inotify() as ino:
+        wd = ino.add_watch(str(tmp_path), inotify.IN_CLOSE_WRITE | inotify.IN_CREATE)
+        assert ino.read() == []  # nothing yet, and no blocking
+        (tmp_path / "sub").mkdir()
+        write(tmp_path / "file-with-a-long-name.dat")
+        events = ino.read()
+        assert [(e.wd, e.name) for e in events] == [
+            (wd, "sub"), (wd, "file-with-a-long-name.dat"), (wd, "file-with-a-long-name.dat")]
+        assert events[0].mask & inotify.IN_ISDIR and events[2].mask & inotify.IN_CLOSE_WRITE
+        assert ino.rm_watch(wd) and not ino.rm_watch(wd)
+        with pytest.raises(FileNotFoundError):
+            ino.add_watch(str(tmp_path / "missing"), inotify.IN_CREATE)
 
 
 # -- directories inotify cannot watch ---------------------------------------------------------

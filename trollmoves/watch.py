@@ -1,17 +1,22 @@
 """Watch the directories of a trollsift ``origin`` pattern and report the files that arrive.
 
-A file counts when it is closed after writing or moved in (inotify, through watchdog's
-inotify observer), or, with polling, once its size and time stamp held still between two scans.
-Empty files, hidden files (``.name``, unless the pattern's name starts with a dot) and files the
-pattern does not fully match are skipped; the same file (path, inode, size, time stamp) is never
-reported twice.
+A file counts when it is closed after writing or moved in (inotify, read directly by one thread
+per watcher: :mod:`trollmoves.inotify`), or, with polling, once its size and time stamp held
+still between two scans. Empty files, hidden files (``.name``, unless the pattern's name starts
+with a dot) and files the pattern does not fully match are skipped; the same file (path, inode,
+size, time stamp) is never reported twice.
 
 Directory levels of the pattern may hold fields (``/data/{platform}/{time:%Y%m%d}/{name}.h5``):
-the fixed base directory (``/data``) is then watched recursively. ``skip_levels``
+the fixed base directory (``/data``) is then watched with the sub-directories that can hold
+matching files (down to the file level, each level matching its part of the pattern); a
+directory created or moved in later is watched as it appears, and the files that landed in it
+before its watch was in place are found by a scan. ``skip_levels``
 (``origin_inotify_base_dir_skip_levels``, e.g. -2) picks the watched directory by cutting that
 many components from the end of the pattern, as trollmoves always did. A base directory that
-does not exist yet is waited for: its nearest existing parent is watched until it appears,
-and the files already in it are then reported.
+does not exist yet (or is removed or moved away later) is waited for: its nearest existing
+parent is watched until it appears, and the files already in it are then reported. When the
+kernel's event queue overflows, the directories are scanned again and the files not reported
+yet are reported.
 
 A directory inotify cannot watch (unreadable, or the inotify watch or instance limit reached)
 is polled instead, with an ERROR in the log naming it.
@@ -30,31 +35,35 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import glob
 import logging
 import os
+import select
 import stat
 import threading
-import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import trollsift
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
+
+from trollmoves.inotify import (
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    IN_UNMOUNT,
+    Inotify,
 )
-from watchdog.observers.inotify import InotifyObserver
 
 LOG = logging.getLogger(__name__)
-# watchdog warns when a directory created with sub-directories gets its watches twice; harmless
-warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning,
-                        module="watchdog")
 
 FileSink = Callable[[str, dict[str, Any]], None]
 
@@ -62,8 +71,13 @@ FileSink = Callable[[str, dict[str, Any]], None]
 SEEN_CAPACITY = 100_000
 DEFAULT_POLL_INTERVAL = 1.0
 
-_FILE_EVENTS = [FileClosedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
-_DIR_EVENTS = [DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
+_SELF_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
+#: A directory holding files of the pattern: files closed after writing or moved in.
+_FILE_LEVEL = IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+#: A directory above the file level: its sub-directories coming and going.
+_DIR_LEVEL = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+#: The nearest existing parent of a missing base directory: whatever appears in it.
+_PARENT = IN_CREATE | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 
 
 class OriginPattern:
@@ -96,6 +110,10 @@ class OriginPattern:
                 base = chosen
         self.base = os.path.normpath(base)
         self.recursive = self.base != os.path.normpath(directory)
+        # the glob of each directory level below the base, down to the files' directory
+        base_parts = [part for part in self.base.split("/") if part]
+        self.levels: tuple[str, ...] = tuple(
+            part for part in trollsift.globify(directory).split("/") if part)[len(base_parts):]
 
     def match(self, path: str) -> dict[str, Any] | None:
         """The fields parsed from ``path``, or None when the pattern does not fully match."""
@@ -107,6 +125,11 @@ class OriginPattern:
             return self.parser.parse(path)
         except ValueError:
             return None
+
+    def may_hold(self, name: str, level: int) -> bool:
+        """Whether a directory ``name`` at ``level`` below the base (1: a child of the base)
+        can hold matching files, itself or below."""
+        return 0 < level <= len(self.levels) and fnmatch.fnmatchcase(name, self.levels[level - 1])
 
     def existing(self) -> list[str]:
         """Paths of the files already present that the pattern may match, sorted."""
@@ -167,19 +190,22 @@ class OriginWatcher:
         self.name = name or origin
         self._seen = _SeenFiles()
         self._stopping = threading.Event()
-        self._lock = threading.RLock()
-        self._observer: Any = None
-        self._watch: Any = None
-        self._watched_root = ""  # the real path inotify watches, events come relative to it
-        self._watched_dir = ""  # the same directory as configured
+        self._inotify: Inotify | None = None
+        self._dirs: dict[int, tuple[str, int]] = {}  # watch descriptor: directory, level
+        self._base_wd: int | None = None
+        self._parent_wd: int | None = None  # the nearest parent while the base is missing
+        self._watched_dir = ""  # the directory watched last (the base or that parent)
         self._waiting = False
+        self._reader: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None  # pipe that ends the reader's wait
+        self._wake_lock = threading.Lock()
         self._poller: threading.Thread | None = None
         #: set once the watch is in place and the files already there were handled
         self.ready = threading.Event()
 
     @property
     def base(self) -> str:
-        """The directory watched (recursively when the pattern has directory fields)."""
+        """The directory watched (with its sub-directories when the pattern has fields there)."""
         return self.pattern.base
 
     @property
@@ -197,29 +223,49 @@ class OriginWatcher:
             self._start_polling(report_existing=self.backlog)
             return
         try:
-            self._observer = InotifyObserver(generate_full_events=True)
+            self._inotify = Inotify()
+            self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as err:  # no inotify instance or file descriptor left
+            self._close_inotify()
             self._poll_instead(self.base, err, report_existing=self.backlog)
             return
-        self._observer.daemon = True
-        self._observer.start()
-        with self._lock:
-            self._arm(initial=True)
-            if self._poller is None:  # else the poller says when it is ready
-                self.ready.set()
+        # the events of the files arriving meanwhile wait in the kernel: they are read once
+        # the files already there are reported
+        self._arm(initial=True)
+        if self._poller is not None:  # the poller says when it is ready
+            self._close_inotify()
+            return
+        self._reader = threading.Thread(target=self._read_events, name=f"inotify-{self.name}",
+                                        daemon=True)
+        self._reader.start()
+        self.ready.set()
 
     def stop(self) -> None:
         """Stop reporting files."""
         self._stopping.set()
-        if self._observer is not None:
-            self._observer.stop()
+        with self._wake_lock:
+            if self._wake is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake[1], b"!")
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the watching threads to end."""
-        for thread in (self._observer, self._poller):
+        for thread in (self._reader, self._poller):
             if thread is not None:
                 with contextlib.suppress(RuntimeError):
                     thread.join(timeout)
+        if self._reader is None or not self._reader.is_alive():
+            self._close_inotify()
+
+    def _close_inotify(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+        with self._wake_lock:
+            if self._wake is not None:
+                for fd in self._wake:
+                    os.close(fd)
+                self._wake = None
 
     # -- reporting --------------------------------------------------------------------------
     def offer(self, path: str) -> bool:
@@ -250,102 +296,194 @@ class OriginWatcher:
             count += self.offer(path)
         return count
 
-    def _walk(self, directory: str) -> Iterable[str]:
-        for root, _dirs, files in os.walk(directory):
-            for name in sorted(files):
-                yield os.path.join(root, name)
+    def _files_below(self, directory: str, level: int) -> Iterator[str]:
+        """The files at the pattern's file level in ``directory`` (at ``level``) and below."""
+        try:
+            with os.scandir(directory) as entries:
+                found = sorted(entries, key=lambda entry: entry.name)
+        except OSError:
+            return
+        bottom = level >= len(self.pattern.levels)
+        for entry in found:
+            if bottom:
+                yield entry.path
+            elif self.pattern.may_hold(entry.name, level + 1) and _is_dir(entry):
+                yield from self._files_below(entry.path, level + 1)
 
-    # -- inotify ----------------------------------------------------------------------------
-    def _arm(self, initial: bool = False) -> None:
-        """Watch the base directory, or its nearest parent until the base appears; poll
-        instead when inotify cannot watch it."""
+    # -- inotify: the watches ---------------------------------------------------------------
+    def _arm(self, initial: bool = False, rescan: bool = False) -> None:
+        """Watch the base directory and its sub-directories, or its nearest parent until the
+        base appears; poll instead when inotify cannot watch it. ``rescan``: report the files
+        there that were not reported yet (after a queue overflow)."""
+        assert self._inotify is not None
+        self._unwatch_all()
         while not self._stopping.is_set():
-            if self._watch is not None:
-                self._observer.unschedule(self._watch)
-                self._watch = None
             # one look at the disk decides both: the base appearing between two looks left it
             # watched for directory events only, and the files arriving in it unreported
             parent = nearest_existing_parent(self.base)
             exists = parent == os.path.abspath(self.base)
-            directory = self.base if exists else parent
             if not exists:
-                if directory != self._watched_dir:
+                if parent != self._watched_dir:
                     LOG.warning("%s: directory %s does not exist yet; waiting for it "
-                                "(watching %s)", self.name, self.base, directory)
+                                "(watching %s)", self.name, self.base, parent)
                 self._waiting = True
             try:
-                watched = self._schedule(directory, recursive=exists and self.pattern.recursive,
-                                         events=_FILE_EVENTS if exists else _DIR_EVENTS)
+                if exists:
+                    wd = self._base_wd = self._watch_tree(self.base, 0)
+                else:
+                    wd = self._parent_wd = self._add_watch(parent, _PARENT)
             except OSError as err:
-                self._poll_instead(directory, err, report_existing=self.backlog or not initial)
+                self._unwatch_all()
+                self._poll_instead(err.filename or parent, err,
+                                   report_existing=self.backlog or not initial or rescan)
                 return
-            if not watched:
+            if wd is None:
+                self._unwatch_all()
                 continue  # it vanished meanwhile
+            self._watched_dir = parent
             if exists:
-                self._after_base_watched(initial)
+                self._after_base_watched(initial, rescan)
                 return
-            if nearest_existing_parent(self.base) == directory:
+            if nearest_existing_parent(self.base) == parent:
                 return  # nothing appeared between the check and the watch
+            self._unwatch_all()
 
-    def _schedule(self, directory: str, recursive: bool, events: list[Any]) -> bool:
-        """Watch ``directory``; False when it vanished, OSError when inotify cannot watch it."""
-        root = os.path.realpath(directory)
-        if not os.access(root, os.R_OK | os.X_OK):  # watchdog would watch it without a word
+    def _add_watch(self, directory: str, mask: int) -> int | None:
+        """Watch ``directory``; None when it vanished, OSError when inotify cannot watch it."""
+        assert self._inotify is not None
+        if not os.access(directory, os.R_OK | os.X_OK):  # root may watch what it cannot list
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), directory)
         try:
-            self._watch = self._observer.schedule(_Handler(self), root, recursive=recursive,
-                                                  event_filter=events)
+            return self._inotify.add_watch(directory, mask)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 LOG.debug("%s: cannot watch %s: %s", self.name, directory, err)
-                return False
+                return None
             raise
-        self._watched_root = root
-        self._watched_dir = directory
-        return True
 
-    def _after_base_watched(self, initial: bool) -> None:
+    def _watch_tree(self, directory: str, level: int) -> int | None:
+        """Watch ``directory`` (at ``level`` below the base) and its sub-directories down to
+        the file level; return its watch descriptor, None when it vanished. OSError when
+        inotify cannot watch one of them."""
+        bottom = level >= len(self.pattern.levels)
+        wd = self._add_watch(directory, _FILE_LEVEL if bottom else _DIR_LEVEL)
+        if wd is None:
+            return None
+        self._dirs[wd] = (directory, level)
+        if not bottom:
+            try:
+                with os.scandir(directory) as entries:
+                    children = [entry for entry in entries
+                                if self.pattern.may_hold(entry.name, level + 1) and _is_dir(entry)]
+            except (FileNotFoundError, NotADirectoryError):
+                return wd  # going away: its own events tell
+            for child in children:
+                self._watch_tree(child.path, level + 1)
+        return wd
+
+    def _unwatch_tree(self, directory: str) -> None:
+        """Stop watching ``directory`` and everything below it (it moved away)."""
+        assert self._inotify is not None
+        prefix = directory.rstrip("/") + "/"
+        for wd, (path, _) in list(self._dirs.items()):
+            if path == directory or path.startswith(prefix):
+                del self._dirs[wd]
+                with contextlib.suppress(OSError):
+                    self._inotify.rm_watch(wd)
+
+    def _unwatch_all(self) -> None:
+        assert self._inotify is not None
+        wds = [*self._dirs, *([self._parent_wd] if self._parent_wd is not None else [])]
+        self._dirs.clear()
+        self._base_wd = self._parent_wd = None
+        for wd in wds:
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(wd)
+
+    def _after_base_watched(self, initial: bool, rescan: bool = False) -> None:
         if self._waiting:
             self._waiting = False
             LOG.info("%s: directory %s appeared, watching it", self.name, self.base)
-            found = self._offer_all(self.pattern.existing())
-        elif initial and self.backlog:
-            found = self._offer_all(self.pattern.existing())
-        else:
+        elif not (rescan or (initial and self.backlog)):
             return
-        LOG.info("%s: %d file(s) already in %s", self.name, found, self.base)
+        found = self._offer_all(self.pattern.existing())
+        LOG.info("%s: %d file(s) %s in %s", self.name, found,
+                 "not reported yet" if rescan else "already", self.base)
 
-    def _translate(self, path: str) -> str:
-        """An event path under the watched real path, as a path under the configured one."""
-        if self._watched_root == self._watched_dir or not path.startswith(self._watched_root):
-            return path
-        return self._watched_dir + path[len(self._watched_root):]
+    # -- inotify: the events ----------------------------------------------------------------
+    def _read_events(self) -> None:
+        """The reader thread: wait for events, handle them, until stopped or polling."""
+        assert self._inotify is not None and self._wake is not None
+        waiter = select.poll()
+        waiter.register(self._inotify.fd, select.POLLIN)
+        waiter.register(self._wake[0], select.POLLIN)
+        try:
+            while not self._stopping.is_set() and self._poller is None:
+                waiter.poll()
+                try:
+                    events = self._inotify.read()
+                except OSError as err:  # the kernel says no more: scan instead
+                    self._poll_instead(self.base, err, report_existing=True)
+                    return
+                for event in events:
+                    if self._stopping.is_set() or self._poller is not None:
+                        return
+                    try:
+                        self._on_event(event.wd, event.mask, event.name)
+                    except Exception:  # the reader must survive whatever happens
+                        LOG.exception("%s: failed to handle the inotify event %s", self.name,
+                                      event)
+        finally:
+            if self._poller is not None:  # polling from now on: the watches are of no use
+                self._close_inotify()
 
-    def on_event(self, event: FileSystemEvent) -> None:
-        """Handle one watchdog event (on the observer's thread)."""
-        if self._stopping.is_set() or self._poller is not None:
+    def _on_event(self, wd: int, mask: int, name: str) -> None:
+        """Handle one inotify event (on the reader thread)."""
+        if mask & IN_Q_OVERFLOW:
+            LOG.warning("%s: the inotify event queue overflowed; scanning %s again", self.name,
+                        self.base)
+            self._arm(rescan=True)
             return
-        src = self._translate(os.fsdecode(event.src_path)) if event.src_path else ""
-        dest = self._translate(os.fsdecode(event.dest_path)) if event.dest_path else ""
-        with self._lock:
-            if self._waiting:
-                if nearest_existing_parent(self.base) != self._watched_dir:
-                    self._arm()
-            elif isinstance(event, FileClosedEvent):
-                self.offer(src)
-            elif isinstance(event, FileMovedEvent):
-                if dest:
-                    self.offer(dest)
-            elif src == self._watched_dir and isinstance(event, DirDeletedEvent | DirMovedEvent):
-                LOG.warning("%s: directory %s disappeared", self.name, self.base)
-                self._waiting = True  # what arrives until it is watched again is scanned for
+        if self._waiting:
+            if wd == self._parent_wd and nearest_existing_parent(self.base) != self._watched_dir:
                 self._arm()
-            elif isinstance(event, DirCreatedEvent | DirMovedEvent) and self.pattern.recursive:
-                # files may have landed before the new directory was watched
-                self._offer_all(self._walk(dest or src))
+            return
+        watched = self._dirs.get(wd)
+        if watched is None:
+            return  # the last events of a watch that was removed
+        directory, level = watched
+        if not name:  # about the watched directory itself
+            if mask & _SELF_GONE:
+                if wd == self._base_wd:
+                    LOG.warning("%s: directory %s disappeared", self.name, self.base)
+                    self._waiting = True  # what arrives until it is watched again is scanned for
+                    self._arm()
+                elif mask & IN_IGNORED:
+                    del self._dirs[wd]
+            return
+        path = os.path.join(directory, name)
+        if mask & IN_ISDIR:
+            if mask & IN_MOVED_FROM:
+                self._unwatch_tree(path)
+            elif mask & (IN_CREATE | IN_MOVED_TO) and self.pattern.may_hold(name, level + 1):
+                self._watch_new(path, level + 1)
+        elif mask & (IN_CLOSE_WRITE | IN_MOVED_TO) and level >= len(self.pattern.levels):
+            self.offer(path)
+
+    def _watch_new(self, directory: str, level: int) -> None:
+        """A directory was created or moved in: watch it, then report the files that landed
+        in it before its watch was in place."""
+        try:
+            if self._watch_tree(directory, level) is None:
+                return
+        except OSError as err:
+            self._poll_instead(err.filename or directory, err, report_existing=True)
+            return
+        self._offer_all(self._files_below(directory, level))
 
     # -- polling ----------------------------------------------------------------------------
     def _poll_instead(self, directory: str, err: OSError, report_existing: bool) -> None:
+        """Poll from now on (the inotify reader ends); ``report_existing`` as below."""
         LOG.error("%s: cannot watch %s with inotify (%s); polling it every %g s instead",
                   self.name, directory, err.strerror or err, self.poll_interval)
         self._start_polling(report_existing)
@@ -400,15 +538,8 @@ class OriginWatcher:
                 self._seen.add(path, key)
 
 
-class _Handler:
-    """Hands watchdog events to the watcher (the minimal interface watchdog calls)."""
-
-    def __init__(self, watcher: OriginWatcher) -> None:
-        self.watcher = watcher
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        """Called by watchdog for every event of the watch."""
-        try:
-            self.watcher.on_event(event)
-        except Exception:  # the observer thread must survive whatever happens
-            LOG.exception("%s: failed to handle %s", self.watcher.name, event)
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
