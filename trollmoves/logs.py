@@ -9,10 +9,21 @@ import logging.handlers
 
 import yaml
 
-from trollmoves.urls import redact_text
+from trollmoves.urls import SECRET_WORDS, redact_text
 
 _TRACEBACKS = logging.Formatter()
 LOG_FORMAT = "[%(asctime)s %(levelname)-8s %(name)s] %(message)s"
+
+
+def may_hold_secret(text: str) -> bool:
+    """False when :func:`~trollmoves.urls.redact_text` would leave ``text`` as it is: it has
+    no ``@`` (a URL password is ``scheme://user:password@``) and no secret option name
+    (``password=``...). A few substring tests instead of the regular expressions, which cost
+    tens of microseconds per log line."""
+    if "@" in text:
+        return True
+    folded = text.casefold()
+    return any(word in folded for word in SECRET_WORDS)
 
 
 class RedactingFilter(logging.Filter):
@@ -24,7 +35,7 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):
             return True
-        redacted = redact_text(message)
+        redacted = redact_text(message) if may_hold_secret(message) else message
         if redacted != message or record.args:
             record.msg, record.args = redacted, None
         if record.exc_info and not record.exc_text:
