@@ -30,7 +30,7 @@ import fsspec
 from posttroll.message import Message
 from posttroll.publisher import get_own_ip
 
-from trollmoves import unpack
+from trollmoves import unpack, wire
 from trollmoves.urls import SSH_SCHEMES
 
 #: Filesystem options never copied into a stand-alone announcement.
@@ -245,31 +245,31 @@ def push_reply(request: Message) -> Message:
             if key in data:
                 kind = value
                 break
-    return Message(request.subject, kind, _cleaned(data))
+    return wire.message(request.subject, kind, _cleaned(data))
 
 
 def ack_reply(request: Message) -> Message:
     """Reply to an ``ack``: the request's data, destination stripped of credentials."""
-    return Message(request.subject, "ack", _cleaned(request.data))
+    return wire.message(request.subject, "ack", _cleaned(request.data))
 
 
 def pong(request: Message, station: str | None) -> Message:
     """Reply to a ``ping``."""
-    return Message(request.subject, "pong", {"station": station or "unknown"})
+    return wire.message(request.subject, "pong", {"station": station or "unknown"})
 
 
 def info_reply(request: Message, files: list[str], max_count: int, uptime: dt.timedelta
                ) -> Message:
     """Reply to an ``info`` request."""
-    return Message(request.subject, "info",
-                   {"files": files, "max_count": max_count, "uptime": str(uptime)})
+    return wire.message(request.subject, "info",
+                        {"files": files, "max_count": max_count, "uptime": str(uptime)})
 
 
 def unknown_reply(request: Message) -> Message:
     """Reply to a request of a type the server does not serve."""
-    return Message(request.subject, "unknown")
+    return wire.message(request.subject, "unknown")
 
 
 def error_reply(subject: str, text: str) -> Message:
     """A failure: type ``err`` with a text (which must hold no secret)."""
-    return Message(subject or "/error", "err", text)
+    return wire.message(subject or "/error", "err", text)

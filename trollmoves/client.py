@@ -41,7 +41,7 @@ import zmq
 from posttroll.message import Message
 from posttroll.publisher import NoisyPublisher, Publisher
 
-from trollmoves import unpack
+from trollmoves import unpack, wire
 from trollmoves.config import ConfigError, load_schema
 from trollmoves.delivery import (
     DeliveryError,
@@ -400,7 +400,7 @@ class ClientSection:
         request, public = push_request(announcement, destination, s.login, list(s.backup_targets))
         server = announcement.data["request_address"]
         assert self._requests is not None
-        published = public.encode()
+        published = wire.encode(public)
         self._send(published)
         transfer = _Transfer(key, announcement, destination, local_dir, server,
                              time.monotonic())
@@ -448,7 +448,7 @@ class ClientSection:
             # both got it (a slow transfer the other took over): one announcement is enough
             LOG.warning("%s was delivered and announced by another client meanwhile; not "
                         "announcing it again", transfer.key[0])
-            self._send(ack_request(transfer.announcement).encode())
+            self._send(wire.encode(ack_request(transfer.announcement)))
             self._finish(transfer.key, delivered=True)
             return
         delivered = False
@@ -464,7 +464,7 @@ class ClientSection:
     def _delivered(self, transfer: _Transfer, reply: Message) -> None:
         """Announce a delivered file (after unpacking it, on the unpackers, when configured)."""
         s = self.settings
-        ack = ack_request(transfer.announcement).encode()
+        ack = wire.encode(ack_request(transfer.announcement))
         data = final_data(transfer.announcement, transfer.destination, login=s.login,
                           reply=reply, rewrites=s.rewrites)
         if self._unpackers is not None:
@@ -485,7 +485,7 @@ class ClientSection:
     def _announce(self, transfer: _Transfer, data: dict[str, Any], ack: str | None = None
                   ) -> None:
         """Publish the final message of a delivered file, after ``ack`` if given (any thread)."""
-        final = Message(transfer.announcement.subject, message_type(data), data).encode()
+        final = wire.encode(wire.message(transfer.announcement.subject, message_type(data), data))
         if ack is not None:
             self._send(ack)
         self._send(final)
@@ -546,7 +546,7 @@ class ClientSection:
             LOG.warning("Cannot ack %s to %r: %s", uid, server, err)
 
     def _publish(self, message: Message) -> None:
-        self._send(message.encode())
+        self._send(wire.encode(message))
 
     def _send(self, text: str) -> None:
         publisher = self.publisher

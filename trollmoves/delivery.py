@@ -27,7 +27,7 @@ from urllib.parse import quote, unquote, urlsplit
 from posttroll.message import Message
 from trollsift import compose
 
-from trollmoves import unpack
+from trollmoves import unpack, wire
 from trollmoves.urls import LOCAL_SCHEMES
 
 #: Schemes of object stores: never local, and their "user" is an access key, never published.
@@ -218,20 +218,20 @@ def push_request(announcement: Message, destination: Destination, login: str | N
                  backup_targets: list[str] | None = None) -> tuple[Message, Message]:
     """The ``push`` request for an announcement, and its credential-free copy to publish
     (the same message when the request carries no credentials and no backup targets)."""
-    public = Message(announcement.subject, "push",
-                     {**announcement.data, "destination": destination.public_url()})
+    public = wire.message(announcement.subject, "push",
+                          {**announcement.data, "destination": destination.public_url()})
     request_url = destination.request_url(login)
     if request_url == public.data["destination"] and not backup_targets:
         return public, public
     data = {**announcement.data, "destination": request_url}
     if backup_targets:
         data["backup_targets"] = list(backup_targets)
-    return Message(announcement.subject, "push", data), public
+    return wire.message(announcement.subject, "push", data), public
 
 
 def ack_request(announcement: Message) -> Message:
     """The ``ack`` request (and public ``ack``) for an announcement: its data, unchanged."""
-    return Message(announcement.subject, "ack", dict(announcement.data))
+    return wire.message(announcement.subject, "ack", dict(announcement.data))
 
 
 Rewrites = dict[str, str]

@@ -26,6 +26,8 @@ import zmq
 from posttroll.backends.zmq.socket import set_up_client_socket
 from posttroll.message import Message, MessageError
 
+from trollmoves import wire
+
 LOG = logging.getLogger(__name__)
 
 #: Largest reply accepted; a bigger one drops the connection and the request times out.
@@ -57,7 +59,7 @@ def tcp_address(address: str) -> str:
 def parse_reply(raw: bytes, address: str) -> Message:
     """Decode a reply; :class:`RequestError` when it is not a posttroll message."""
     try:
-        return Message(rawstr=raw)
+        return wire.decode(raw)
     except (MessageError, ValueError, UnicodeDecodeError) as err:
         raise RequestError(f"invalid reply from {address}: {err}") from None
 
@@ -106,7 +108,7 @@ class Requester:
         sock = self.acquire()
         try:
             sock.setsockopt(zmq.RCVTIMEO, max(0, int(timeout * 1000)))
-            sock.send_string(message.encode())
+            sock.send_string(wire.encode(message))
             raw = sock.recv()
         except zmq.Again:
             self.discard(sock)
@@ -216,7 +218,7 @@ class RequestMultiplexer:
             callback(None, err)
             return None
         try:
-            text = message if isinstance(message, str) else message.encode()
+            text = message if isinstance(message, str) else wire.encode(message)
             sock.send_string(text, zmq.NOBLOCK)
         except zmq.ZMQError as err:
             requester.discard(sock)

@@ -22,6 +22,8 @@ import zmq
 from posttroll.backends.zmq.socket import set_up_client_socket
 from posttroll.message import _MAGICK, Message
 
+from trollmoves import wire
+
 LOG = logging.getLogger(__name__)
 
 #: Largest message accepted from a publisher (a bigger one drops that connection).
@@ -144,7 +146,7 @@ class SubscriptionSet:
 
     def _decode(self, raw: bytes, feed: _Feed) -> Message | None:
         try:
-            return Message(rawstr=raw)
+            return wire.decode(raw)
         except Exception as err:  # noqa: BLE001 - garbage raises many kinds (RecursionError...)
             LOG.warning("Dropped a message from %s that is not a posttroll message (%s: %.200s)"
                         ": %r", feed.provider.address, type(err).__name__, err, raw[:80])
