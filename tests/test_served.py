@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from trollmoves.served import RequestRefused, ServedFiles
+from trollmoves.served import RequestRefused, ServedFiles, real_path
 from trollmoves.watch import OriginPattern
 
 
@@ -26,3 +27,14 @@ def test_announced_files_origin_matches_and_links(tmp_path: Path) -> None:
     assert not served.created(str(tmp_path / "other"))
     with pytest.raises(RequestRefused, match="is not served by section s"):
         served.check(str(tmp_path / "work" / "old"))  # forgotten: capacity 2
+
+
+def test_real_path_is_the_kernel_s_answer_and_realpath_s_for_missing_files(tmp_path: Path
+                                                                          ) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.h5").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "real" / "alias.h5").symlink_to("a.h5")
+    for path in [tmp_path / "link" / "a.h5", tmp_path / "link" / ".." / "real" / "alias.h5",
+                 tmp_path / "link" / "missing.h5", tmp_path / "nowhere" / "x", Path("/")]:
+        assert real_path(str(path)) == os.path.realpath(path)

@@ -24,6 +24,27 @@ from trollmoves.watch import OriginPattern
 SERVED_CAPACITY = 100_000
 
 
+_DELETED = " (deleted)"
+
+
+def real_path(path: str) -> str:
+    """``os.path.realpath(path)``, asked of the kernel for an existing file (one open and
+    one readlink of ``/proc/self/fd``, instead of a look at every component of the path)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return os.path.realpath(path)
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc
+        real = ""
+    finally:
+        os.close(fd)
+    if not real.startswith("/") or real.endswith(_DELETED):  # gone meanwhile, or no path
+        return os.path.realpath(path)
+    return real
+
+
 class RequestRefused(Exception):
     """A request the section does not serve; the text goes back to the requester."""
 
@@ -45,7 +66,7 @@ class ServedFiles:
 
     def add(self, path: str, created: bool = False) -> None:
         """Serve ``path`` from now on; ``created``: this server made it (an unpacked copy)."""
-        real = os.path.realpath(path)
+        real = real_path(path)
         with self._lock:
             self._announced[real] = created
             self._announced.move_to_end(real)
@@ -64,7 +85,7 @@ class ServedFiles:
         parts = urlsplit(uri)
         if parts.scheme.lower() not in LOCAL_SCHEMES or not parts.path:
             raise RequestRefused(f"{uri} is not a local file of this server")
-        real = os.path.realpath(parts.path)
+        real = real_path(parts.path)
         with self._lock:
             announced = real in self._announced
         if not (announced or any(p.match(real) is not None for p in self.patterns)):
