@@ -22,7 +22,7 @@ from tests.test_unpack import make_tar
 from trollmoves import announce, check
 from trollmoves.config import ConfigError
 from trollmoves.removal import DelayedRemover
-from trollmoves.request_server import RequestServer
+from trollmoves.request_server import EAGER_WORKERS, RequestServer, Workers
 from trollmoves.server import Section, ServerContext, destination_for, validate_sections
 from trollmoves.service import ServiceRunner
 
@@ -187,6 +187,88 @@ def test_pushes_run_concurrently(request_server: tuple[RequestServer, SlowHandle
     assert [r.type for r in replies] == ["file", "file"]
     for client in [*clients, pinger]:
         client.close()
+
+
+def test_slow_pushes_beyond_the_eager_workers_still_run_side_by_side() -> None:
+    handler = SlowHandler()
+    handler.barrier = threading.Barrier(EAGER_WORKERS + 2, timeout=DEADLINE)
+    server = RequestServer("test", free_port(), handler, lambda m: m.type == "push", workers=8)
+    server.start()
+    clients = [Requester(server.port) for _ in range(EAGER_WORKERS + 2)]
+    replies: list[Message] = []
+    threads = [threading.Thread(target=lambda c=c: replies.append(c("push", {"uri": "/a"})))
+               for c in clients]
+    try:
+        for thread in threads:
+            thread.start()
+        assert handler.overlapping.wait(DEADLINE)  # all of them in the handler at once
+    finally:
+        handler.release.set()
+        for thread in threads:
+            thread.join(DEADLINE)
+        server.stop()
+        server.join(DEADLINE)
+        for client in clients:
+            client.close()
+    assert [r.type for r in replies] == ["file"] * len(clients)
+
+
+class Calls:
+    """Calls that record their order and may block until released."""
+
+    def __init__(self) -> None:
+        self.done: list[int] = []
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.threads: set[str] = set()
+
+    def quick(self, number: int) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.done.append(number)
+
+    def blocking(self, number: int) -> None:
+        self.entered.release()
+        assert self.release.wait(DEADLINE)
+        self.quick(number)
+
+
+def test_workers_run_quick_calls_in_order_on_few_threads() -> None:
+    pool, calls = Workers(8, "quick", eager=1, wait=3600), Calls()
+    last = threading.Event()
+    for number in range(20):
+        pool.submit(calls.quick, number)
+    pool.submit(last.set)
+    assert last.wait(DEADLINE)
+    assert calls.done == list(range(20))
+    assert calls.threads == {"quick_0"}  # one thread kept up: no other was woken
+    pool.shutdown()
+
+
+def test_workers_wake_more_threads_for_calls_that_wait() -> None:
+    pool, calls = Workers(3, "slow", eager=1, wait=0), Calls()
+    try:
+        for number in range(4):
+            pool.submit(calls.blocking, number)
+        assert calls.entered.acquire(timeout=DEADLINE)  # the eager one
+        assert pool.patience() == 0.0
+        pool.spread()  # the owner's duty once patience() has passed: two more threads
+        assert calls.entered.acquire(timeout=DEADLINE)
+        assert calls.entered.acquire(timeout=DEADLINE)
+        assert pool.patience() is None  # the fourth waits: every thread is busy
+    finally:
+        calls.release.set()
+        pool.shutdown()  # runs the fourth too
+    assert sorted(calls.done) == [0, 1, 2, 3]
+    assert len(calls.threads) == 3
+
+
+def test_a_failing_call_leaves_the_worker_running(caplog: pytest.LogCaptureFixture) -> None:
+    pool, calls = Workers(1, "failing"), Calls()
+    pool.submit(lambda: 1 / 0)
+    pool.submit(calls.quick, 1)
+    pool.shutdown()
+    assert calls.done == [1]
+    assert "failing: a call failed" in caplog.text
 
 
 def test_stop_finishes_requests_in_flight(request_server: tuple[RequestServer, SlowHandler]

@@ -3,6 +3,11 @@
 The request half of a server or mirror section (``request_port``). One thread owns the ROUTER
 socket and answers quick requests at once; slow ones (pushes) run on a pool of worker threads,
 which hand their replies back over an inproc socket. Malformed input gets an ``err`` reply.
+
+The pool wakes few threads for quick pushes (a local copy is a hard link and a rename): more
+threads than cores only fight over the interpreter lock. A push that waits longer than
+:data:`WORKER_PATIENCE` wakes one more thread, up to the pool size, so slow transfers (remote
+hosts) still run side by side.
 """
 
 from __future__ import annotations
@@ -10,15 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import zmq
 from posttroll.backends.zmq import get_context
 from posttroll.backends.zmq.socket import close_socket, set_up_server_socket
 from posttroll.message import Message
 
-from trollmoves import announce
+from trollmoves import announce, wire
 from trollmoves.zmqutil import close_and_wait
 
 LOG = logging.getLogger(__name__)
@@ -33,6 +39,12 @@ REPLY_LINGER_MS = 1000
 TRANSFER_WORKERS = 8
 #: Slow requests accepted per worker (running or waiting); more get a "busy" reply at once.
 PENDING_PER_WORKER = 4
+#: Messages read from a socket per wake-up of the socket thread, at most.
+BATCH = 64
+#: Workers woken at once for slow requests; the others join when requests keep waiting.
+EAGER_WORKERS = 2
+#: Seconds a slow request waits for a busy worker before one more worker is woken.
+WORKER_PATIENCE = 0.005
 BUSY = "server busy, retry later"
 
 
@@ -68,7 +80,7 @@ class RequestServer:
         self.on_death = on_death
         self._in_flight = 0  # slow requests running or waiting; used by the socket thread only
         self._inproc = f"inproc://trollmoves-replies-{id(self)}"
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"push-{name}")
+        self._pool = Workers(workers, f"push-{name}")
         self._local = threading.local()
         self._reply_sockets: list[zmq.Socket[bytes]] = []
         self._reply_lock = threading.Lock()
@@ -109,30 +121,47 @@ class RequestServer:
         draining = False
         try:
             while not (draining and self._in_flight == 0):
-                for sock, _ in poller.poll():
+                patience = self._pool.patience()
+                ready = poller.poll(None if patience is None else max(1, int(patience * 1000)))
+                self._pool.spread()
+                for sock, _ in ready:
                     if sock is self._replies:
-                        frames = self._replies.recv_multipart()
-                        if frames == [b"STOP"]:
+                        if self._send_replies() and not draining:
                             draining = True
                             poller.unregister(self._router)
-                        else:
-                            self._in_flight -= 1
-                            self._router.send_multipart(frames)
                     elif not draining:
-                        self._receive()
+                        for _ in range(BATCH):  # what came meanwhile, without polling again
+                            self._receive()
+                            if not _readable(self._router):
+                                break
         except Exception:
             LOG.exception("%s: the request loop failed", self.name)
             if self.on_death is not None:
                 self.on_death()
         finally:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()
             for sock in [*self._reply_sockets, self._replies]:
                 close_socket(sock)
             # the last replies may leave; a restarted section can then bind the port at once
             close_and_wait(self._router, linger=REPLY_LINGER_MS)
 
+    def _send_replies(self) -> bool:
+        """Pass the replies the workers made on to the requesters; True once told to stop."""
+        assert self._router is not None and self._replies is not None
+        stop = False
+        for _ in range(BATCH):
+            frames = self._replies.recv_multipart()
+            if frames == [b"STOP"]:
+                stop = True
+            else:
+                self._in_flight -= 1
+                self._router.send_multipart(frames)
+            if not _readable(self._replies):
+                break
+        return stop
+
     def _receive(self) -> None:
-        """Read one request; answer it or hand it to the pool."""
+        """Read one (waiting) request; answer it or hand it to the pool."""
         assert self._router is not None
         frames = self._router.recv_multipart(copy=False)
         identity = frames[0].bytes
@@ -151,7 +180,7 @@ class RequestServer:
                 "", f"request too large ({len(payload)} bytes, at most {self.max_bytes})"))
             return
         try:
-            message = Message(rawstr=payload.decode("utf-8"))
+            message = wire.decode(payload.decode("utf-8"))
         except Exception as err:  # noqa: BLE001 - posttroll raises many kinds on garbage
             LOG.warning("%s: refused a request from %s: not a posttroll message (%s: %.80r)",
                         self.name, peer, type(err).__name__, payload[:80])
@@ -159,7 +188,7 @@ class RequestServer:
                 "", "invalid request: not a posttroll message"))
             return
         if not self.is_slow(message):
-            self._reply_now(identity, self._answer(message))
+            self._router.send_multipart([identity, b"", self._answer(message)])
         elif self._in_flight >= self.max_pending:
             LOG.warning("%s: busy, refused a %s request from %s: %d already running or waiting",
                         self.name, message.type, peer, self._in_flight)
@@ -170,26 +199,28 @@ class RequestServer:
 
     def _reply_now(self, identity: bytes, reply: Message) -> None:
         assert self._router is not None
-        self._router.send_multipart([identity, b"", reply.encode().encode()])
+        self._router.send_multipart([identity, b"", wire.encode(reply).encode()])
 
     # -- answering --------------------------------------------------------------------------
-    def _answer(self, message: Message) -> Message:
+    def _answer(self, message: Message) -> bytes:
+        """The encoded reply to ``message``."""
         try:
-            return self.handle(message)
+            return wire.encode(self.handle(message)).encode()
         except Exception as err:  # a request must always get a reply
             LOG.exception("%s: failed to handle a %s request", self.name, message.type)
-            return announce.error_reply(message.subject, f"server error: {type(err).__name__}")
+            reply = announce.error_reply(message.subject, f"server error: {type(err).__name__}")
+            return wire.encode(reply).encode()
 
     def _answer_later(self, identity: bytes, message: Message, received: float) -> None:
         waited = time.monotonic() - received
         if self.expire_after is not None and waited >= self.expire_after:
             LOG.warning("%s: dropped a %s request that waited %.1f s for a worker; its requester "
                         "has given up", self.name, message.type, waited)
-            reply = announce.error_reply(message.subject,
-                                         f"{BUSY} (the request waited {waited:.1f} s)")
+            reply = wire.encode(announce.error_reply(
+                message.subject, f"{BUSY} (the request waited {waited:.1f} s)")).encode()
         else:
             reply = self._answer(message)
-        self._send_reply([identity, b"", reply.encode().encode()])
+        self._send_reply([identity, b"", reply])
 
     def _send_reply(self, frames: list[bytes]) -> None:
         sock = getattr(self._local, "socket", None)
@@ -200,6 +231,111 @@ class RequestServer:
             with self._reply_lock:
                 self._reply_sockets.append(sock)
         sock.send_multipart(frames)
+
+
+class Workers:
+    """Up to ``size`` threads running submitted calls in order. A call wakes a thread at once
+    while fewer than ``eager`` run; else it waits for a thread to finish, and once it has waited
+    ``wait`` seconds :meth:`spread` wakes one more thread for it (up to ``size``).
+
+    The owner calls :meth:`spread` at the latest ``patience()`` seconds from now (its poll
+    timeout). :meth:`shutdown` runs the calls submitted, then ends the threads.
+    """
+
+    def __init__(self, size: int, name: str, eager: int = EAGER_WORKERS,
+                 wait: float = WORKER_PATIENCE) -> None:
+        self.size = max(1, size)
+        self.eager = max(1, min(eager, self.size))
+        self.wait = wait
+        self.name = name
+        self._calls: deque[tuple[float, Callable[..., None], tuple[Any, ...]]] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a call
+        self._notified = 0  # idle threads told to take a call, not awake yet
+        self._starting = 0  # threads started for a call, not running yet
+        self._running = 0  # threads running a call
+        self._stopping = False
+
+    @property
+    def _woken(self) -> int:
+        return self._notified + self._starting
+
+    def submit(self, func: Callable[..., None], *args: Any) -> None:
+        """Run ``func(*args)`` on a worker (what it raises is logged)."""
+        with self._cond:
+            self._calls.append((time.monotonic(), func, args))
+            if self._running + self._woken < self.eager:
+                self._wake()
+
+    def patience(self) -> float | None:
+        """Seconds until a waiting call has waited long enough to wake one more thread; None
+        when no call waits for a thread or every thread is busy."""
+        with self._cond:
+            if len(self._calls) <= self._woken or self._running + self._woken >= self.size:
+                return None
+            return max(0.0, self._calls[self._woken][0] + self.wait - time.monotonic())
+
+    def spread(self) -> None:
+        """Wake one more thread for every call that waited ``wait`` seconds (up to ``size``)."""
+        with self._cond:
+            limit = time.monotonic() - self.wait
+            while (len(self._calls) > self._woken and self._running + self._woken < self.size
+                   and self._calls[self._woken][0] <= limit):
+                self._wake()
+
+    def shutdown(self) -> None:
+        """Run the calls submitted, then end every thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()  # the idle threads take what waits, then end
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+
+    def _wake(self) -> None:
+        """Have one more thread take a call (holding the lock)."""
+        if self._idle > self._notified:
+            self._notified += 1
+            self._cond.notify()
+        elif len(self._threads) < self.size:
+            self._starting += 1
+            thread = threading.Thread(target=self._work, name=f"{self.name}_{len(self._threads)}",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        with self._cond:
+            self._starting -= 1
+            while True:
+                if self._calls:  # a thread that is awake takes the next call
+                    _, func, args = self._calls.popleft()
+                    self._running += 1
+                    self._cond.release()
+                    try:
+                        func(*args)
+                    except Exception:  # logged; the thread goes on
+                        LOG.exception("%s: a call failed", self.name)
+                    finally:
+                        self._cond.acquire()
+                        self._running -= 1
+                elif self._stopping:
+                    return
+                else:
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                    self._notified = max(0, self._notified - 1)
+
+
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain numbers: no enum per call
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """True when a message is waiting on ``sock`` (a socket option: cheaper than polling or
+    a failing non-blocking read)."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
 def _peer(frame: zmq.Frame) -> str:
