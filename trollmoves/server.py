@@ -7,7 +7,9 @@ by every section of the INI file. Each section is a :class:`Section` worker:
 
 - ``origin`` sections watch a trollsift pattern (:mod:`trollmoves.watch`); ``listen`` sections
   relay posttroll messages about local files. Files go through a queue to one announcer thread
-  which optionally unpacks them (``compression``) and publishes the announcement.
+  which optionally unpacks them (``compression``) and publishes the announcement; once the
+  files found at start are announced, files that need no unpacking are announced on the
+  watcher's thread itself (no hand-off per file).
 - With ``request_port``, a :class:`~trollmoves.request_server.RequestServer` answers ``push``
   (copy through the engine to the requested destination), ``ack``, ``ping``, ``info``; anything
   else gets ``unknown`` and malformed input gets ``err`` (or, past a hard size limit, is dropped
@@ -47,7 +49,7 @@ from posttroll.message import Message
 from posttroll.publisher import Publisher
 from posttroll.subscriber import create_subscriber_from_dict_config
 
-from trollmoves import announce, unpack
+from trollmoves import announce, unpack, wire
 from trollmoves.config import ConfigError
 from trollmoves.errors import TransferError
 from trollmoves.logs import add_logging_arguments, setup_logging
@@ -107,7 +109,7 @@ class ServerContext:
 
     def publish(self, message: Message) -> None:
         """Send a message on the shared publisher (thread-safe)."""
-        self.publisher.send(message.encode())
+        self.publisher.send(wire.encode(message))
 
     def wait_for_subscribers(self, stop: threading.Event) -> None:
         """Give subscribers time to (re)connect after the publisher started.
@@ -203,6 +205,8 @@ class Section:
             self.pattern = OriginPattern(self.config["origin"], skip)
         self.served = ServedFiles(name, self.pattern)
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._direct = False  # files are announced on the watcher's thread (see _enqueue)
+        self._handoff = threading.Lock()
         self._stopping = threading.Event()
         self._failure: str | None = None  # what stopped working on its own
         self._threads: list[threading.Thread] = []
@@ -294,15 +298,35 @@ class Section:
 
     # -- announcing -------------------------------------------------------------------------
     def _enqueue(self, path: str, fields: dict[str, Any]) -> None:
-        self._queue.put((path, fields))
+        """The watcher's sink. Once the announcer has handed over (see :meth:`_announce_loop`)
+        the file is announced at once on the watcher's thread, without a thread hand-off;
+        until then it is queued for the announcer."""
+        with self._handoff:
+            if not self._direct:
+                self._queue.put((path, fields))
+                return
+        self._announce_safely(path, fields)
 
     def _announce_loop(self) -> None:
+        """Announce the queued files once subscribers had time to connect. When announcing is
+        quick (no unpacking, no archive to list), hand over to the watcher's thread as soon as
+        the queue is empty: the files queued so far are announced first, in order."""
         self.ctx.wait_for_subscribers(self._stopping)
-        while (item := self._queue.get()) is not None:
-            try:
-                self.announce(*item)
-            except Exception:  # one file must not stop the others
-                LOG.exception("%s: cannot announce %s", self.name, item[0])
+        quick = not self.compression and not self.archive_kind
+        while True:
+            if quick and not self._direct:
+                with self._handoff:
+                    self._direct = self._queue.empty()
+            item = self._queue.get()
+            if item is None:
+                return
+            self._announce_safely(*item)
+
+    def _announce_safely(self, path: str, fields: dict[str, Any]) -> None:
+        try:
+            self.announce(path, fields)
+        except Exception:  # one file must not stop the others
+            LOG.exception("%s: cannot announce %s", self.name, path)
 
     def announce(self, path: str, fields: Mapping[str, Any]) -> None:
         """Unpack ``path`` if configured, then announce what is to be served."""
@@ -313,7 +337,7 @@ class Section:
             info = announce.announcement_info(self.config, target, fields)
             self.served.add(target, created=created)
             self.ctx.remember(self.topic, [info["uid"]])
-            self.ctx.publish(Message(self.topic, "file", info))
+            self.ctx.publish(wire.message(self.topic, "file", info))
             LOG.debug("%s: announced %s", self.name, target)
 
     def _announce_members(self, path: str, fields: Mapping[str, Any]) -> bool:
@@ -332,7 +356,7 @@ class Section:
             return True
         info = announce.dataset_info(self.config, path, members, fields)
         self.ctx.remember(self.topic, [item["uid"] for item in info["dataset"]])
-        self.ctx.publish(Message(self.topic, "dataset", info))
+        self.ctx.publish(wire.message(self.topic, "dataset", info))
         LOG.debug("%s: announced the %d member(s) of %s", self.name, len(members), path)
         return True
 
@@ -386,7 +410,7 @@ class Section:
         for path in paths:
             self.served.add(str(path))
         self.ctx.remember(self.topic, [i["uid"] for i in iter_files(info) if "uid" in i])
-        self.ctx.publish(Message(self.topic, message.type, info))
+        self.ctx.publish(wire.message(self.topic, message.type, info))
 
     # -- requests ---------------------------------------------------------------------------
     def handle(self, message: Message) -> Message:
@@ -451,11 +475,16 @@ class Section:
         return items
 
     def _after_delivery(self, paths: Iterable[str]) -> None:
-        """Remove delivered files after ``remove_delay``: with ``delete`` all of them, else
-        only the copies this server unpacked (originals it did not unpack stay)."""
+        """Remove delivered files after ``remove_delay`` (with none, at once on this thread):
+        with ``delete`` all of them, else only the copies this server unpacked (originals it
+        did not unpack stay)."""
         for path in paths:
-            if self.delete or self.served.created(path):
-                self.remover.schedule(path, self.remove_delay)
+            created = self.served.created(path)
+            if created or self.delete:
+                if self.remove_delay <= 0 and not created:  # at once, without a thread hand-off
+                    remove_file(path, self.name)
+                else:  # an unpacked copy's removal is scheduled already: it may come earlier
+                    self.remover.schedule(path, self.remove_delay)
 
 
 def _compression(config: Mapping[str, Any]) -> str | None:
