@@ -183,7 +183,7 @@ def test_parts_are_sent_whole_with_their_digests(s3_server: Any, s3_bucket: str,
     for headers, _, digest in parts:
         # plain http: the payload is signed, with the SHA-256 of exactly the bytes sent
         assert headers["x-amz-content-sha256"] == digest
-        assert "expect" not in headers  # one buffer, no 100-continue round trip
+        assert headers["expect"] == "100-continue"  # an early refusal is S3's error, no reset
         assert headers["x-amz-sdk-checksum-algorithm"] == "CRC32"
     assert {h["x-amz-checksum-crc32"] for h, _, _ in parts} == crcs
     assert wire.bodies("CreateMultipartUpload")[0][0]["x-amz-checksum-algorithm"] == "CRC32"
@@ -203,6 +203,7 @@ def test_up_to_one_part_is_one_put(s3_server: Any, s3_bucket: str, tmp_path: Pat
     assert length == size
     assert headers["x-amz-content-sha256"] == digest
     assert headers["x-amz-checksum-crc32"] == base64.b64encode(_crc32(src.read_bytes())).decode()
+    assert headers["expect"] == "100-continue"
     assert _stored(s3_server, s3_bucket, "one.bin") == src.read_bytes()
     assert progress.size == size and progress.value == size
 

@@ -2,9 +2,9 @@
 
 s3fs's ``put_file`` reads each part in the event-loop thread, sends parts in lockstep batches
 (a batch waits for its slowest part), hands botocore the part as a ``BytesIO`` (which aiohttp
-streams in 64 KiB pieces after an ``Expect: 100-continue`` round trip) and lets botocore hash it
-in that same thread: the SigV4 payload SHA-256 (signed whenever the endpoint is plain http) and
-the CRC32 checksum. The AWS CLI does that work in ten threads.
+reads and sends in 64 KiB pieces) and lets botocore hash it in that same thread: the SigV4
+payload SHA-256 (signed whenever the endpoint is plain http) and the CRC32 checksum. The AWS CLI
+does that work in ten threads.
 
 Here a fixed number of parts is always in flight; each part is read into a reusable buffer and
 hashed in a worker thread (``preadv``, ``hashlib`` and ``zlib.crc32`` release the GIL, so both
@@ -197,6 +197,14 @@ def fill_part(fd: int, offset: int, part: Part, sign: bool, checksum: bool) -> P
     return part
 
 
+def _expect_continue(params: dict[str, Any], **kwargs: Any) -> None:
+    """Send a :class:`Part`'s headers first and its body once the server accepts them, as
+    botocore does for file bodies: a refusal (credentials, permission, region) then arrives as
+    S3's error rather than as a connection reset in the middle of the body."""
+    if isinstance(params.get("body"), Part):
+        params["headers"]["Expect"] = "100-continue"
+
+
 def _checksum_args(part: Part) -> dict[str, str]:
     """The parameters of a part's checksum: the two headers botocore itself would send."""
     if part.crc32 is None:
@@ -261,6 +269,9 @@ class _Upload:
         client = await fs.get_s3(self.bucket)
         self.checksum = _wants_checksum(client)
         prehashed = install()
+        for operation in ("PutObject", "UploadPart"):
+            client.meta.events.register(f"before-call.s3.{operation}", _expect_continue,
+                                        unique_id=f"trollmoves-expect-continue-{operation}")
         self.sign = prehashed and _signs_payload(client, self.checksum)
         extra = {"ContentType": content_type} if content_type else {}
         self.callback.set_size(self.size)
