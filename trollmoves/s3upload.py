@@ -55,8 +55,7 @@ PARALLEL_PARTS = 8
 #: S3's limit on the number of parts of one upload; larger files get larger parts.
 MAX_PARTS = 10_000
 _MIB = 1024 * 1024
-#: Bytes of a part handed to the socket at a time (the first piece goes out joined to the
-#: request headers, i.e. copied once).
+#: Bytes of a part handed to the socket at a time.
 SEND_CHUNK = 1024 * 1024
 
 _T = TypeVar("_T")
@@ -97,9 +96,9 @@ class PrehashedS3SigV4Auth(botocore.auth.S3SigV4Auth):
 class PartPayload(aiohttp.payload.Payload):
     """How aiohttp sends a :class:`Part`: slices of a memory view of it.
 
-    aiohttp's own ``BytesPayload`` copies a ``bytearray`` twice in the event-loop thread (a
-    slice to the content length, then joined to the headers); here only the first slice goes
-    out joined to the headers, and the socket is given views of the part.
+    aiohttp's own ``BytesPayload`` copies a ``bytearray`` in the event-loop thread (a slice to
+    the content length, and without ``Expect`` a join with the headers); here the socket is
+    given views of the part.
     """
 
     _autoclose = True
@@ -168,6 +167,8 @@ async def _in_thread(func: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: its failure does not matter any more
         raise
 
 
@@ -264,6 +265,7 @@ class _Upload:
         self.checksum = False
 
     async def run(self, content_type: str | None) -> None:
+        """Upload: one PUT for up to one part, else a multipart upload aborted on failure."""
         fs = self.fs
         await fs.set_session()
         client = await fs.get_s3(self.bucket)
