@@ -452,8 +452,10 @@ def test_a_takeover_the_primary_finishes_after_all_is_announced_once(
 
     server = fake_server(slow)
     primary = fake_server()
+    # the server holds the spare's push until the primary's file message is in: the push
+    # must not time out meanwhile (its timeout also sets when the spare takes over, ~4 s)
     spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
-                    processing_delay=0.1, transfer_req_timeout=0.3)
+                    processing_delay=0.1, transfer_req_timeout=2)
     watcher = _subscribed_watcher(spare, [server, primary], watchers)
     message = server.announce("a.h5")
     primary.publish(Message("/1b/hrit", "push", message.data))  # then is slow to finish
@@ -464,5 +466,5 @@ def test_a_takeover_the_primary_finishes_after_all_is_announced_once(
         release.set()
         watcher.collect(lambda ms: any(m.type == "ack" for m in ms))
         wait_for(lambda: "not announcing it again" in caplog.text, what="the decision logged")
+        wait_for(lambda: spare.tracker.is_done(("a.h5",)), what="the transfer finished")
     assert watcher.of_type("file") == []
-    assert spare.tracker.is_done(("a.h5",))

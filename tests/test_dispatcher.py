@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.moveit import wait_for
 from trollmoves.conditions import compare, conditions_match, set_matches, value_matches
 from trollmoves.config import ConfigError
 from trollmoves.dispatcher import (
@@ -484,7 +485,12 @@ def test_stop_finishes_queued_deliveries_in_time_and_logs_each_one_not_done(
         files.append({"uri": str(path), "uid": path.name})
     dispatcher.handle(Message("/x", "dataset", {"dataset": files}))
     assert started.wait(10)
-    threading.Thread(target=release.set).start()
+
+    def release_once_dropped() -> None:  # f0 ends only after the stop dropped f1 and f2
+        wait_for(lambda: len(dispatcher.queues) == 0, what="the queued deliveries dropped")
+        release.set()
+
+    threading.Thread(target=release_once_dropped).start()
     dispatcher.close()
     assert delivered == ["f0.h5"]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
