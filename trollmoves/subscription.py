@@ -37,6 +37,7 @@ HEARTBEAT_TOPIC = "/heartbeat/move_it"
 RECEIVE_QUEUE = 100_000
 #: Messages read from one socket before the others get their turn.
 BATCH = 256
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class SubscriptionSet:
                 if message is not None:
                     self._seen(feed, message, now)
                     received.append((feed.provider, message))
+                if not sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a failing read
+                    break
         return received
 
     def _decode(self, raw: bytes, feed: _Feed) -> Message | None:
