@@ -215,7 +215,7 @@ class _Attempt:
     # -- anything involving a remote side --------------------------------------------------
     def _remote(self, sfs: Any, dfs: Any) -> tuple[int, str | None]:
         spath, dpath = self.src.path, self.dst.path
-        size = _source_size(sfs.size, spath)
+        size = _source_size(os.stat if self.src.loc.is_local else sfs.size, spath)
         if self.dst.loc.is_local:
             self._make_local_parent(dpath)
         atomic = self.dst.protocol in ATOMIC_PROTOCOLS

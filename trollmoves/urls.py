@@ -7,6 +7,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -119,6 +120,18 @@ def parse(target: Any) -> Location:
     target = os.fspath(target) if isinstance(target, os.PathLike) else str(target)
     if not target:
         raise ValueError("empty URL")
+    if "://" not in target:  # a local path: depends on the working directory and $HOME
+        return _parse(target)
+    return _parse_url(target)
+
+
+@lru_cache(maxsize=1024)
+def _parse_url(target: str) -> Location:
+    """URLs repeat (a stream of files to one directory): each is parsed once."""
+    return _parse(target)
+
+
+def _parse(target: str) -> Location:
     is_dir = target.endswith("/")
     if "::" in target or "://" not in target:
         if "://" not in target:
