@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import logging
 import os
 import posixpath
@@ -58,6 +59,7 @@ _POSIX_RENAME = b"posix-rename@openssh.com"
 _LIMITS = b"limits@openssh.com"
 _DEFAULT_WRITE = 32 * 1024  # every SFTP server must accept this much per write
 _DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+_PIPE_SIZE = 1 << 20
 
 
 class SFTPStatusError(OSError):
@@ -124,6 +126,8 @@ class Session:
             os.close(stdin_r)
         assert self._proc.stdout is not None
         self._out = stdin_w  # written with os.write: one system call per batch of requests
+        with contextlib.suppress(OSError):  # fewer hand-overs to ssh for large files
+            fcntl.fcntl(stdin_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         self._in: IO[bytes] = self._proc.stdout
         self._next_id = 0
         self._early: dict[int, _Reply] = {}
@@ -162,7 +166,7 @@ class Session:
     def _extended(self, name: bytes, *args: bytes) -> tuple[int, bytes]:
         return self._request(_EXTENDED, _string(name) + b"".join(map(_string, args)))
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self._out, view):]
@@ -176,6 +180,17 @@ class Session:
         if len(body) < length - 1:
             raise ConnectionFailedError(self.failure())
         return _Reply(kind, body)
+
+    def _post_write(self, handle: bytes, offset: int, data: memoryview) -> int:
+        """Send one write request without copying ``data``; return its id."""
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        head = struct.pack(">IBI", 5 + len(handle) + 12 + len(data), _WRITE, self._next_id)
+        try:
+            self._send(head + handle + struct.pack(">QI", offset, len(data)))
+            self._send(data)
+        except OSError as err:
+            raise ConnectionFailedError(self.failure()) from err
+        return self._next_id
 
     def _post(self, *requests: tuple[int, bytes]) -> list[int]:
         """Send requests back to back; return their ids (replies are read with _reply_to)."""
@@ -259,12 +274,12 @@ class Session:
         """Stream ``source`` into the open ``handle``, check its size and close it."""
         writes: deque[tuple[int, int]] = deque()  # (request id, end offset) in flight
         sent = 0
+        buffer = bytearray(min(self.write_size, max(size, 1)))
+        view = memoryview(buffer)
         try:
-            while chunk := source.read(self.write_size):
-                [request_id] = self._post(self._request(
-                    _WRITE, handle + struct.pack(">Q", sent) + _string(chunk)))
-                sent += len(chunk)
-                writes.append((request_id, sent))
+            while count := source.readinto(buffer):
+                writes.append((self._post_write(handle, sent, view[:count]), sent + count))
+                sent += count
                 if len(writes) >= WINDOW:
                     self._acknowledged(writes.popleft(), tmp, callback)
         except BaseException:
