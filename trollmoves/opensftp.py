@@ -109,6 +109,15 @@ class _Spare:
     handle: bytes  #: as sent in requests (length-prefixed)
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """The open request of a spare file, whose reply has not been read yet."""
+
+    directory: str
+    path: str
+    request_id: int
+
+
 class Session:
     """One ``ssh -s sftp`` process: requests go out on its stdin, replies come on its stdout."""
 
@@ -131,7 +140,7 @@ class Session:
         self._in: IO[bytes] = self._proc.stdout
         self._next_id = 0
         self._early: dict[int, _Reply] = {}
-        self._spare: _Spare | None = None  #: a file opened ahead for the next upload
+        self._opening: _Opening | None = None  #: a file being opened for the next upload
         self._last_dir: str | None = None
         try:
             self._send(struct.pack(">IBI", 5, _INIT, 3))
@@ -234,7 +243,7 @@ class Session:
         one (removed when the session ends): a small file then costs two round trips.
         """
         directory = posixpath.dirname(tmp)
-        spare, self._spare = self._spare, None
+        spare = self._take_spare()
         with open(lpath, "rb") as source:
             size = os.fstat(source.fileno()).st_size
             if callback is not None:
@@ -307,18 +316,32 @@ class Session:
                                     + ("" if sent == size else f" (read {sent})"))
 
     def _finish(self, tmp: str, final: str, directory: str) -> None:
-        """Rename the complete file; open the next one beside it if files keep coming here."""
+        """Rename the complete file; open the next one beside it if files keep coming here.
+
+        Only the rename's reply is waited for: the server creates the spare file (the slowest
+        step on many file systems) while the caller gets on with the next file.
+        """
         rename = self._extended(_POSIX_RENAME, tmp.encode(), final.encode())
         if self._last_dir != directory:
             self._last_dir = directory
             [renamed] = self._exchange(rename)
         else:
             path = posixpath.join(directory, f".trollmoves-{uuid.uuid4().hex[:12]}.part")
-            renamed, opened = self._exchange(rename, self._request(
+            rename_id, open_id = self._post(rename, self._request(
                 _OPEN, _string(path.encode()) + struct.pack(">II", _SPARE_FLAGS, 0)))
-            if opened.kind == _HANDLE:
-                self._spare = _Spare(directory, path, _string(opened.string()))
+            self._opening = _Opening(directory, path, open_id)
+            renamed = self._reply_to(rename_id)
         self._check(renamed, final)
+
+    def _take_spare(self) -> _Spare | None:
+        """The file opened ahead, once its open is answered (None if there is none)."""
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return None
+        opened = self._reply_to(opening.request_id)
+        if opened.kind != _HANDLE:
+            return None
+        return _Spare(opening.directory, opening.path, _string(opened.string()))
 
     def _remove_quietly(self, path: str) -> None:
         with contextlib.suppress(OSError, ConnectionFailedError):
@@ -345,11 +368,12 @@ class Session:
 
     def close(self) -> None:
         """Remove the spare file, end the session and reap the process."""
-        spare, self._spare = self._spare, None
-        if spare is not None and self._proc.poll() is None:
+        if self._opening is not None and self._proc.poll() is None:
             with contextlib.suppress(OSError, ConnectionFailedError):
-                self._exchange(self._request(_CLOSE, spare.handle),
-                               self._request(_REMOVE, _string(spare.path.encode())))
+                spare = self._take_spare()
+                if spare is not None:
+                    self._exchange(self._request(_CLOSE, spare.handle),
+                                   self._request(_REMOVE, _string(spare.path.encode())))
         with contextlib.suppress(OSError):
             os.close(self._out)
         with contextlib.suppress(OSError):
