@@ -9,7 +9,8 @@ closed to the moment the client's final ``file`` message arrives,
 which the client sends once the file is complete at the destination. Measured:
 
 - sustained throughput: files dropped as fast as they are delivered (at most 200 waiting),
-  delivered files per second after the first 20 % of the run;
+  delivered files per second after the first 20 % of the run, and the CPU time server and
+  client spent per file meanwhile (user + system, from /proc);
 - latency at 20 files/s: median and 99th percentile;
 - a burst of 10 000 files: none lost, none duplicated (messages and files counted);
 - the client's resident memory over 100 000 files (ours only; 0.19 would need hours).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -102,6 +104,7 @@ class Pipeline:
     arrivals: Arrivals
     deployment: Deployment
     client_pid: int
+    server_pid: int
     sent: dict[str, float] = field(default_factory=dict)
 
     def drop(self, stem: str) -> None:
@@ -130,8 +133,9 @@ def pipeline(kind: str, workdir: Path, server_extra: dict[str, str] | None = Non
     try:
         deployment.run()
         arrivals = Arrivals(deployment.listen(client_port))
-        assert client.pid is not None
-        yield Pipeline(src, dst, arrivals, deployment, client.pid)
+        server = next(proc for proc in deployment.procs if proc is not client)
+        assert client.pid is not None and server.pid is not None
+        yield Pipeline(src, dst, arrivals, deployment, client.pid, server.pid)
     finally:
         if arrivals is not None:
             arrivals.close()
@@ -183,12 +187,17 @@ def measure_sustained(kind: str, workdir: Path, seconds: float, window: int = 20
     """Files as fast as they are delivered (at most ``window`` waiting) for ``seconds``;
     delivered files per second after the first 20 % of the run."""
     with pipeline(kind, workdir, {"delete": "true", "remove_delay": "0"}) as pipe:
+        cpu = {"server": _cpu_seconds(pipe.server_pid), "client": _cpu_seconds(pipe.client_pid)}
         started = time.monotonic()
         total = stream(pipe, "s", window, seconds=seconds)
         ended = time.monotonic()
+        cpu = {"server": _cpu_seconds(pipe.server_pid) - cpu["server"],
+               "client": _cpu_seconds(pipe.client_pid) - cpu["client"]}
         window_start = started + 0.2 * (ended - started)
         delivered = sum(1 for t in pipe.arrivals.first_times() if window_start <= t <= ended)
-        return {"files/s": delivered / (ended - window_start), "files": total}
+        return {"files/s": delivered / (ended - window_start), "files": total,
+                "server ms/file": cpu["server"] * 1000 / max(1, total),
+                "client ms/file": cpu["client"] * 1000 / max(1, total)}
 
 
 def measure_latency(kind: str, workdir: Path, count: int, rate: float) -> dict[str, float]:
@@ -218,6 +227,13 @@ def measure_burst(kind: str, workdir: Path, count: int, stall: float) -> dict[st
     return {"files": count, "complete": float(complete), "seconds": elapsed,
             "files/s": len(times) / elapsed, "lost": count - len(times),
             "duplicated": sum(len(t) - 1 for t in times.values()), "on disk": on_disk}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int) -> int:
@@ -315,6 +331,9 @@ def _report(results: dict[str, dict[str, dict[str, float]]], memory: list[tuple[
         print(f"{label:28}{mine:12,.1f}{theirs:12,.1f}{ratio(mine, theirs, higher):>10}"
               f"{'' if goal is None else ('>=' if higher else '<=') + f'{goal:g}':>10}")
     for kind, result in results.items():
+        sustained = result["sustained"]
+        print(f"CPU per file while sustained [{kind}]: server "
+              f"{sustained['server ms/file']:.3f} ms, client {sustained['client ms/file']:.3f} ms")
         burst = result["burst"]
         print(f"burst [{kind}]: {int(burst['files'])} files in {burst['seconds']:.1f} s, "
               f"lost {int(burst['lost'])}, duplicated {int(burst['duplicated'])}, "
