@@ -279,6 +279,12 @@ def ratio(ours: float, ref: float, higher_is_better: bool) -> str:
     return f"{value:,.1f}x"
 
 
+def default_workdir() -> str | None:
+    """/dev/shm when it is a writable directory (both versions measured there), else $TMPDIR."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the measurements and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -289,13 +295,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="files in 0.19's burst (it moves about 10 files/s)")
     parser.add_argument("--memory-files", type=int, default=100_000,
                         help="files streamed through our client for the memory check")
+    parser.add_argument("--workdir", default=default_workdir(),
+                        help="where the watched and destination directories go (default: "
+                             "/dev/shm when there is one, so that the benchmark's own file "
+                             "creation does not set the pace on a slow disk)")
     args = parser.parse_args(argv)
     if args.quick:
         args.burst, args.reference_burst, args.memory_files = 1000, 50, 5000
     kinds = ["ours"] + ([] if args.no_reference or not reference_available() else ["0.19"])
     results: dict[str, dict[str, dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-server-client-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-server-client-", dir=args.workdir) as tmp:
         root = Path(tmp)
+        print(f"working directory: {root}", flush=True)
         for kind in kinds:
             ref = kind == "0.19"
             print(f"[{kind}] sustained ...", flush=True)
