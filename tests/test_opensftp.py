@@ -228,3 +228,32 @@ def test_changing_directories_and_a_vanished_directory_leave_nothing_behind(
     assert sorted(p.name for p in one.iterdir()) == ["again"]
     assert sorted(p.name for p in two.iterdir()) == ["f2", "f3"]
     assert (one / "again").read_bytes() == files[2].read_bytes()
+
+
+def test_a_login_shell_that_prints_text_is_detected_and_asyncssh_takes_over(
+        sshd_server: Any, files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'Welcome to the ground station'\nexec cat >/dev/null\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    caplog.set_level(logging.DEBUG, logger="trollmoves.opensftp")
+    trollmoves.copy(files[2], sshd_server.url(tmp_path / "w" / "x"), **_key(sshd_server))
+    assert (tmp_path / "w" / "x").read_bytes() == files[2].read_bytes()
+    assert "does the login shell print something" in caplog.text
+
+
+def test_a_refused_rename_of_a_file_opened_ahead_leaves_no_copy(sshd_server: Any,
+                                                                files: list[Path],
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    for name in ("a", "b"):  # the second rename opens a file ahead
+        trollmoves.copy(files[2], sshd_server.url(out / name), **_key(sshd_server))
+    (out / "taken").mkdir()
+    (out / "taken" / "inside").write_text("a non-empty directory cannot be renamed over")
+    with pytest.raises(errors.TransferError):
+        trollmoves.copy(files[3], sshd_server.url(out / "taken"), **_key(sshd_server),
+                        retry=RetryPolicy(attempts=1))
+    POOL.close_all()
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "taken"]

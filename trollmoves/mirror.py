@@ -150,6 +150,11 @@ class Staging:
             files = dict(self._files.get(key, {}))
         return files if files and all(map(os.path.exists, files.values())) else {}
 
+    def paths(self) -> list[str]:
+        """Every staged path this staging area knows of (existing or not)."""
+        with self._lock:
+            return [path for files in self._files.values() for path in files.values()]
+
     def get(self, key: FileKey, fetch: Callable[[], dict[str, str]],
             timeout: float | None = None) -> dict[str, str]:
         """The staged files of ``key``; ``fetch()`` stages them unless they are there already
@@ -304,6 +309,10 @@ class MirrorSection(Section):
                             "files as they are)", self.name, key)
         self.requests.start()
         self.remover.start()
+        if self.staging_retention > 0:  # copies staged before a reload expire all the same
+            for path in self.staging.paths():
+                if os.path.exists(path):
+                    self.remover.schedule(path, self.staging_retention)
         poller = zmq.Poller()
         subscriptions = SubscriptionSet(self.client.subscriptions(), poller,
                                         self.client.heartbeat_alarm_scale)

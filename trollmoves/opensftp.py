@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import posixpath
+import select
 import shutil
 import struct
 import subprocess
@@ -60,6 +61,10 @@ _LIMITS = b"limits@openssh.com"
 _DEFAULT_WRITE = 32 * 1024  # every SFTP server must accept this much per write
 _DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 _PIPE_SIZE = 1 << 20
+_MAX_WRITE = 255 * 1024  # OpenSSH's sftp-server takes 256 KiB packets
+_MAX_PACKET = 4 * 1024 * 1024
+#: Seconds the OpenSSH client may take to log in and start the SFTP server.
+HANDSHAKE_TIMEOUT = 60.0
 
 
 class SFTPStatusError(OSError):
@@ -143,14 +148,25 @@ class Session:
         self._opening: _Opening | None = None  #: a file being opened for the next upload
         self._last_dir: str | None = None
         try:
-            self._send(struct.pack(">IBI", 5, _INIT, 3))
-            version = self._read()
-        except (OSError, ConnectionFailedError) as err:
-            reason = self.failure()
+            self._handshake()
+        except Exception as err:
+            if isinstance(err, ConnectionFailedError):
+                reason = err.detail
+            elif isinstance(err, OSError):
+                reason = self.failure()
+            else:
+                reason = f"the SFTP server's greeting is not SFTP ({type(err).__name__})"
             self.close()
             raise ConnectionFailedError(reason) from err
+
+    def _handshake(self) -> None:
+        """INIT/VERSION within :data:`HANDSHAKE_TIMEOUT`, then the server's limits if told."""
+        self._send(struct.pack(">IBI", 5, _INIT, 3))
+        ready, _, _ = select.select([self._in], [], [], HANDSHAKE_TIMEOUT)
+        if not ready:
+            raise ConnectionFailedError(f"no SFTP greeting within {HANDSHAKE_TIMEOUT:g} s")
+        version = self._read()
         if version.kind != _VERSION:
-            self.close()
             raise ConnectionFailedError("the SFTP server did not start")
         version.uint32()
         extensions = {}
@@ -164,7 +180,7 @@ class Session:
             if limits.kind == _EXTENDED_REPLY:
                 limits.uint64()  # max packet length
                 limits.uint64()  # max read length
-                self.write_size = limits.uint64() or _DEFAULT_WRITE
+                self.write_size = min(limits.uint64() or _DEFAULT_WRITE, _MAX_WRITE)
 
     # -- framing ---------------------------------------------------------------------------
     def _request(self, kind: int, payload: bytes) -> tuple[int, bytes]:
@@ -185,6 +201,9 @@ class Session:
         if len(head) < 5:
             raise ConnectionFailedError(self.failure())
         length, kind = struct.unpack(">IB", head)
+        if not 5 <= length <= _MAX_PACKET:  # e.g. text a login shell printed on the channel
+            raise ConnectionFailedError(
+                f"not an SFTP packet (length {length}); does the login shell print something?")
         body = self._in.read(length - 1)
         if len(body) < length - 1:
             raise ConnectionFailedError(self.failure())
@@ -243,11 +262,11 @@ class Session:
         one (removed when the session ends): a small file then costs two round trips.
         """
         directory = posixpath.dirname(tmp)
-        spare = self._take_spare()
         with open(lpath, "rb") as source:
             size = os.fstat(source.fileno()).st_size
             if callback is not None:
                 callback.set_size(size)
+            spare = self._take_spare()
             ahead = spare is not None and spare.directory == directory
             if spare is not None and ahead:
                 tmp, handle = spare.path, spare.handle
@@ -255,13 +274,13 @@ class Session:
                 handle = self._open(tmp, spare)
             try:
                 self._write(source, handle, size, tmp, callback)
+                self._finish(tmp, final, directory)
             except ConnectionFailedError:
                 raise
             except BaseException:
                 if ahead:  # the caller cleans up the name it gave, not this one
                     self._remove_quietly(tmp)
                 raise
-        self._finish(tmp, final, directory)
         return size
 
     def _open(self, tmp: str, stale: _Spare | None) -> bytes:
@@ -476,7 +495,7 @@ class Sessions:
                 return session
             session.close()
             reason = f"the SFTP server lacks {_POSIX_RENAME.decode()}"
-        except ConnectionFailedError as err:
+        except Exception as err:  # noqa: BLE001 - whatever it was, asyncssh takes over
             reason = str(err)
         LOG.debug("OpenSSH client not usable here, staying with asyncssh: %s", reason)
         with self._changed:
