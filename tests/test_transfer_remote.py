@@ -184,6 +184,24 @@ def test_ftp_credentials_from_netrc(ftp_server: Any, payload: Path, tmp_path: Pa
     assert ftp_server.path(f"netrc/{payload.name}").read_bytes() == payload.read_bytes()
 
 
+def test_an_edited_netrc_is_read_again(ftp_server: Any, payload: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    netrc = home / ".netrc"
+    monkeypatch.setenv("HOME", str(home))
+    url = f"ftp://{ftp_server.host}:{ftp_server.port}/rotated/"
+    wrong = "x" * (len(ftp_server.password) + 7)  # another size: the edit shows in a stat
+    netrc.write_text(f"machine {ftp_server.host} login {ftp_server.user} password {wrong}\n")
+    netrc.chmod(0o600)
+    with pytest.raises(errors.AuthenticationError):
+        trollmoves.copy(payload, url, retry=FAST_RETRY)
+    netrc.write_text(f"machine {ftp_server.host} login {ftp_server.user} "
+                     f"password {ftp_server.password}\n")  # the password was rotated
+    trollmoves.copy(payload, url, retry=FAST_RETRY)
+    assert ftp_server.path(f"rotated/{payload.name}").read_bytes() == payload.read_bytes()
+
+
 def test_ftp_wrong_password_is_an_auth_error_without_the_password(ftp_server: Any,
                                                                   payload: Path) -> None:
     url = f"ftp://{ftp_server.user}:wrong-Secret-1@{ftp_server.host}:{ftp_server.port}/x/"

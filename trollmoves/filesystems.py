@@ -261,8 +261,8 @@ def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
         token = json.dumps(options, sort_keys=True, default=repr)
     except (TypeError, ValueError):
         return _describe(loc, options)
-    trusted = loc.protocol == "ssh" and os.path.exists(os.path.expanduser(DEFAULT_KNOWN_HOSTS))
-    key = (loc.protocol, loc.host, loc.port, loc.user, loc.password, token, trusted)
+    # what the builders read from disk is part of the key: a new known_hosts or .netrc counts
+    key = (loc.protocol, loc.host, loc.port, loc.user, loc.password, token, _disk_state(loc))
     found = _ENDPOINTS.get(key)
     if found is None:
         found = _describe(loc, options)
@@ -270,6 +270,19 @@ def endpoint(loc: Location, options: Mapping[str, Any]) -> Endpoint:
             _ENDPOINTS.clear()
         _ENDPOINTS[key] = found
     return found
+
+
+def _disk_state(loc: Location) -> Any:
+    """What an endpoint of ``loc`` depends on besides its options: the files its builder reads."""
+    if loc.protocol == "ssh":
+        return os.path.exists(os.path.expanduser(DEFAULT_KNOWN_HOSTS))
+    if loc.protocol == "ftp":
+        try:
+            info = os.stat(os.path.expanduser("~/.netrc"))
+        except OSError:
+            return None
+        return info.st_ino, info.st_size, info.st_mtime_ns
+    return None
 
 
 def _describe(loc: Location, options: Mapping[str, Any]) -> Endpoint:
