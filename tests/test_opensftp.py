@@ -60,6 +60,15 @@ def files(tmp_path: Path) -> list[Path]:
     return made
 
 
+def _fake_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """Put an ``ssh`` running ``script`` first on PATH."""
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text(script)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+
+
 def _key(server: Any) -> dict[str, Any]:
     return {"ssh_private_key_file": server.key_filename}
 
@@ -158,11 +167,8 @@ def test_a_client_that_cannot_log_in_falls_back_to_asyncssh(sshd_server: Any, fi
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture
                                                             ) -> None:
-    fake = tmp_path / "bin" / "ssh"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho 'Permission denied (publickey).' >&2\nexit 255\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    _fake_ssh(tmp_path, monkeypatch,
+              "#!/bin/sh\necho 'Permission denied (publickey).' >&2\nexit 255\n")
     caplog.set_level(logging.DEBUG, logger="trollmoves.opensftp")
     for index in range(3):
         trollmoves.copy(files[2], sshd_server.url(tmp_path / "f" / f"x{index}"),
@@ -233,11 +239,8 @@ def test_changing_directories_and_a_vanished_directory_leave_nothing_behind(
 def test_a_login_shell_that_prints_text_is_detected_and_asyncssh_takes_over(
         sshd_server: Any, files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    fake = tmp_path / "bin" / "ssh"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho 'Welcome to the ground station'\nexec cat >/dev/null\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    _fake_ssh(tmp_path, monkeypatch,
+              "#!/bin/sh\necho 'Welcome to the ground station'\nexec cat >/dev/null\n")
     caplog.set_level(logging.DEBUG, logger="trollmoves.opensftp")
     trollmoves.copy(files[2], sshd_server.url(tmp_path / "w" / "x"), **_key(sshd_server))
     assert (tmp_path / "w" / "x").read_bytes() == files[2].read_bytes()
