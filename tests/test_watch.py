@@ -316,7 +316,8 @@ def test_event_queue_overflow_is_followed_by_a_scan(watchers: list[OriginWatcher
         pytest.skip(f"the inotify queue holds {limit} events: too many to fill")
     caplog.set_level(logging.INFO, logger="trollmoves.watch")
     sink = watch(watchers, tmp_path / "{name}.dat", name="full")
-    sink.hold_at = str(write(tmp_path / "hold.dat"))
+    sink.hold_at = str(tmp_path / "hold.dat")  # named before it exists: the reader is fast
+    write(Path(sink.hold_at))
     assert sink.holding.wait(DEADLINE)
     pair = [write(tmp_path / "a.dat"), write(tmp_path / "b.dat")]
     for number in range(limit + 10):  # a close after writing each, alternating: none merged
