@@ -184,13 +184,15 @@ def test_hot_spare_section_leaves_the_file_to_the_primary(
         section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer]) -> None:
     server = fake_server()
     primary = fake_server()  # stands in for the primary client's publisher
+    # a delay far longer than the messages take, however loaded the machine
     spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
-                    processing_delay=0.5)
+                    processing_delay=60)
     watcher = _subscribed_watcher(spare, [server, primary], watchers)
     message = server.announce("a.h5")
     primary.publish(Message("/1b/hrit", "push", message.data))
     primary.publish(Message("/1b/hrit", "ack", message.data))
     wait_for(lambda: spare.tracker.is_done(("a.h5",)), what="primary's ack")
+    spare.tracker.processing_delay = 0.2  # not to wait a minute for the next one
     server.announce("b.h5")  # nobody claims this one: the spare takes it after its delay
     watcher.collect(lambda ms: any(m.type == "file" for m in ms))
     assert [r.data["uid"] for r in server.requests] == ["b.h5"]
@@ -203,7 +205,8 @@ def test_hot_spare_section_takes_over_a_push_never_acked(
     server = fake_server()
     primary = fake_server()
     spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
-                    processing_delay=0.5, transfer_req_timeout=0.3)
+                    processing_delay=60, transfer_req_timeout=0.3)  # only a push ends it
+    spare.tracker.takeover_timeout = 1.0  # 2 x 0.3 + 60 by default
     watcher = _subscribed_watcher(spare, [server, primary], watchers)
     message = server.announce("a.h5")
     primary.publish(Message("/1b/hrit", "push", message.data))  # then dies
