@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -260,3 +262,119 @@ def test_a_refused_rename_of_a_file_opened_ahead_leaves_no_copy(sshd_server: Any
                         retry=RetryPolicy(attempts=1))
     POOL.close_all()
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "taken"]
+
+
+def _sftp_servers(sshd_pid: int) -> list[int]:
+    """Process ids of the sftp-server processes below the sshd ``sshd_pid``."""
+    parents: dict[int, int] = {}
+    commands: dict[int, bytes] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                commands[int(entry)] = handle.read()
+        except OSError:
+            continue
+
+    def below_sshd(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == sshd_pid:
+                return True
+        return False
+
+    return [pid for pid, argv in commands.items() if b"sftp-server" in argv and below_sshd(pid)]
+
+
+def test_a_hung_sftp_server_is_given_up_and_a_new_session_delivers(
+        sshd_factory: Any, files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A server that stops answering while its connection lives (a stuck NFS mount)."""
+    server = sshd_factory()
+    monkeypatch.setattr(opensftp, "REPLY_TIMEOUT", 1.0)
+    out = tmp_path / "out"
+    trollmoves.copy(files[3], server.url(out / "first"), **_key(server))  # a session is up
+    assert server.proc is not None
+    stuck = _sftp_servers(server.proc.pid)  # asyncssh's and the OpenSSH client's
+    assert len(stuck) == 2
+    for pid in stuck:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with caplog.at_level(logging.WARNING, logger="trollmoves.transfer"):
+            trollmoves.copy(files[3], server.url(out / "second"), **_key(server))
+        assert _ssh_children() != []  # the new session
+        POOL.close_all()
+        assert _ssh_children() == []  # and the one given up: killed, not waited for
+    finally:
+        for pid in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert (out / "second").read_bytes() == files[3].read_bytes()
+    assert ("(attempt 1): ConnectionFailedError: connection failed: no reply from the SFTP "
+            "server for 1 s") in caplog.text
+    # the stuck server opens the first attempt's temporary file once it runs again: hidden
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "first", "second"]
+
+
+# an SFTP server that answers the greeting and the open, then reads nothing more
+_DEAF_SERVER = textwrap.dedent("""
+    import os, struct, sys, time
+    def packet():
+        head = os.read(0, 5)
+        length, kind = struct.unpack(">IB", head)
+        body = b""
+        while len(body) < length - 1:
+            body += os.read(0, length - 1 - len(body))
+        return kind, body
+    def send(kind, body):
+        os.write(1, struct.pack(">IB", len(body) + 1, kind) + body)
+    def string(value):
+        return struct.pack(">I", len(value)) + value
+    packet()
+    send(2, struct.pack(">I", 3) + string(b"posix-rename@openssh.com") + string(b"1"))
+    kind, body = packet()
+    send(102, body[:4] + string(b"handle"))
+    time.sleep(3600)
+""")
+
+
+def test_a_server_that_takes_no_more_data_is_given_up(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(opensftp, "REPLY_TIMEOUT", 0.5)
+    # this server's writes are 32 KiB: 2 MiB in flight are more than the 1 MiB pipe holds
+    monkeypatch.setattr(opensftp, "WINDOW", 64)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))
+    session = opensftp.Session([sys.executable, "-c", _DEAF_SERVER])
+    with pytest.raises(errors.ConnectionFailedError, match=r"took no data for 0\.5 s"):
+        session.upload(str(big), "/x/.big.part", "/x/big")
+    assert session.hung
+    session.close()  # at once: the process is killed
+    assert session._proc.returncode == -signal.SIGKILL
+
+
+class _KillClients(Callback):
+    """Kills the OpenSSH clients at the first progress report."""
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        if self.value and not getattr(self, "done", False):
+            self.done = True
+            for pid in _ssh_children():
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_temporary_file_a_lost_connection_left_is_removed_by_the_retry(
+        sshd_server: Any, tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))
+    out = tmp_path / "lost"
+    trollmoves.copy(big, sshd_server.url(out / "big"), callback=_KillClients(),
+                    retry=RetryPolicy(attempts=2, backoff=0.05, budget=30), **_key(sshd_server))
+    assert (out / "big").read_bytes() == big.read_bytes()
+    POOL.close_all()
+    assert [p.name for p in out.iterdir()] == ["big"]

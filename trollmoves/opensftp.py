@@ -65,6 +65,11 @@ _MAX_WRITE = 255 * 1024  # OpenSSH's sftp-server takes 256 KiB packets
 _MAX_PACKET = 4 * 1024 * 1024
 #: Seconds the OpenSSH client may take to log in and start the SFTP server.
 HANDSHAKE_TIMEOUT = 60.0
+#: Seconds a running session may go without taking a request or sending a reply: a server
+#: stuck that long (a hung sftp-server on a dead NFS mount, whose connection still answers
+#: keep-alives) is given up, so that the transfer fails or is retried instead of hanging.
+REPLY_TIMEOUT = 120.0
+_READ_CHUNK = 64 * 1024
 
 
 class SFTPStatusError(OSError):
@@ -142,7 +147,16 @@ class Session:
         self._out = stdin_w  # written with os.write: one system call per batch of requests
         with contextlib.suppress(OSError):  # fewer hand-overs to ssh for large files
             fcntl.fcntl(stdin_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        os.set_blocking(stdin_w, False)  # a full pipe is waited on with a timeout
         self._in: IO[bytes] = self._proc.stdout
+        self._in_fd = self._in.fileno()
+        self._received = bytearray()  # read from the client, not decoded yet
+        self._readable = select.poll()
+        self._readable.register(self._in_fd, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(stdin_w, select.POLLOUT)
+        #: set when the server stopped answering: the session is only fit to be killed
+        self.hung = False
         self._next_id = 0
         self._early: dict[int, _Reply] = {}
         self._opening: _Opening | None = None  #: a file being opened for the next upload
@@ -162,10 +176,7 @@ class Session:
     def _handshake(self) -> None:
         """INIT/VERSION within :data:`HANDSHAKE_TIMEOUT`, then the server's limits if told."""
         self._send(struct.pack(">IBI", 5, _INIT, 3))
-        ready, _, _ = select.select([self._in], [], [], HANDSHAKE_TIMEOUT)
-        if not ready:
-            raise ConnectionFailedError(f"no SFTP greeting within {HANDSHAKE_TIMEOUT:g} s")
-        version = self._read()
+        version = self._read(HANDSHAKE_TIMEOUT, "no SFTP greeting within {:g} s")
         if version.kind != _VERSION:
             raise ConnectionFailedError("the SFTP server did not start")
         version.uint32()
@@ -192,40 +203,59 @@ class Session:
         return self._request(_EXTENDED, _string(name) + b"".join(map(_string, args)))
 
     def _send(self, data: bytes | memoryview) -> None:
+        """Write all of ``data`` to the client; ConnectionFailedError when it is gone or takes
+        nothing for :data:`REPLY_TIMEOUT` seconds."""
         view = memoryview(data)
         while view:
-            view = view[os.write(self._out, view):]
+            try:
+                view = view[os.write(self._out, view):]
+            except BlockingIOError:
+                self._wait(self._writable, REPLY_TIMEOUT,
+                           "the SFTP server took no data for {:g} s")
+            except OSError as err:  # a broken pipe: the client exited
+                raise ConnectionFailedError(self.failure()) from err
 
-    def _read(self) -> _Reply:
-        head = self._in.read(5)
-        if len(head) < 5:
-            raise ConnectionFailedError(self.failure())
-        length, kind = struct.unpack(">IB", head)
+    def _wait(self, poller: select.poll, timeout: float, what: str) -> None:
+        """Wait until ``poller`` says ready; give the session up after ``timeout`` seconds."""
+        if not poller.poll(timeout * 1000):
+            self.hung = True
+            raise ConnectionFailedError(what.format(timeout))
+
+    def _fill(self, count: int, timeout: float, what: str) -> None:
+        """Receive until ``count`` bytes are buffered (``what``: the timeout's message)."""
+        while len(self._received) < count:
+            self._wait(self._readable, timeout, what)
+            chunk = os.read(self._in_fd, max(_READ_CHUNK, count - len(self._received)))
+            if not chunk:
+                raise ConnectionFailedError(self.failure())
+            self._received += chunk
+
+    def _read(self, timeout: float | None = None,
+              what: str = "no reply from the SFTP server for {:g} s") -> _Reply:
+        """The next reply packet; ConnectionFailedError when nothing comes for ``timeout``
+        seconds (:data:`REPLY_TIMEOUT` by default)."""
+        timeout = REPLY_TIMEOUT if timeout is None else timeout
+        self._fill(5, timeout, what)
+        length, kind = struct.unpack_from(">IB", self._received)
         if not 5 <= length <= _MAX_PACKET:  # e.g. text a login shell printed on the channel
             raise ConnectionFailedError(
                 f"not an SFTP packet (length {length}); does the login shell print something?")
-        body = self._in.read(length - 1)
-        if len(body) < length - 1:
-            raise ConnectionFailedError(self.failure())
+        self._fill(length + 4, timeout, what)
+        body = bytes(self._received[5:length + 4])
+        del self._received[:length + 4]
         return _Reply(kind, body)
 
     def _post_write(self, handle: bytes, offset: int, data: memoryview) -> int:
         """Send one write request without copying ``data``; return its id."""
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         head = struct.pack(">IBI", 5 + len(handle) + 12 + len(data), _WRITE, self._next_id)
-        try:
-            self._send(head + handle + struct.pack(">QI", offset, len(data)))
-            self._send(data)
-        except OSError as err:
-            raise ConnectionFailedError(self.failure()) from err
+        self._send(head + handle + struct.pack(">QI", offset, len(data)))
+        self._send(data)
         return self._next_id
 
     def _post(self, *requests: tuple[int, bytes]) -> list[int]:
         """Send requests back to back; return their ids (replies are read with _reply_to)."""
-        try:
-            self._send(b"".join(packet for _, packet in requests))
-        except OSError as err:
-            raise ConnectionFailedError(self.failure()) from err
+        self._send(b"".join(packet for _, packet in requests))
         return [request_id for request_id, _ in requests]
 
     def _reply_to(self, request_id: int) -> _Reply:
@@ -310,6 +340,8 @@ class Session:
                 sent += count
                 if len(writes) >= WINDOW:
                     self._acknowledged(writes.popleft(), tmp, callback)
+        except ConnectionFailedError:
+            raise  # the session is lost: nothing more to say to it
         except BaseException:
             # a write was refused or the source could not be read: close, drain, give up
             ids = self._post(self._request(_CLOSE, handle))
@@ -386,8 +418,10 @@ class Session:
                            + (f": {detail}" if detail else ""))
 
     def close(self) -> None:
-        """Remove the spare file, end the session and reap the process."""
-        if self._opening is not None and self._proc.poll() is None:
+        """Remove the spare file, end the session and reap the process (kill it if hung)."""
+        if self.hung:
+            self._proc.kill()
+        elif self._opening is not None and self._proc.poll() is None:
             with contextlib.suppress(OSError, ConnectionFailedError):
                 spare = self._take_spare()
                 if spare is not None:

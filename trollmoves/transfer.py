@@ -177,6 +177,8 @@ class _Attempt:
         self.delete_source = delete_source
         self.callback = callback
         self.uptime = uptime
+        #: the remote temporary file a lost connection kept this attempt from removing
+        self.left_behind: str | None = None
 
     def run(self) -> tuple[int, str | None]:
         """Deliver the file; return (size, checksum)."""
@@ -236,9 +238,12 @@ class _Attempt:
             if not atomic:
                 dfs.mv(target, dpath)
         except BaseException as err:
-            # a remote temporary file cannot be removed over a lost connection; a local one can
+            # a remote temporary file cannot be removed over a lost connection (a later
+            # attempt that gets through does it); a local one can
             if not atomic and (self.dst.loc.is_local or not _is_connection_loss(err)):
                 _remove_quietly(dfs, target)
+            elif not atomic:
+                self.left_behind = target
             raise
         self._finish(sfs, spath)
         return size, expected
@@ -327,6 +332,18 @@ def _remove_quietly(fs: Any, path: str) -> None:
         LOG.debug("Could not remove temporary %s", path)
 
 
+def _remove_left_behind(dest: _Side, left_behind: list[tuple[_Side, str]],
+                        uptime: float) -> None:
+    """Remove, through the connection that just delivered, the temporary files that earlier
+    attempts to the same host lost their connection over."""
+    paths = [path for side, path in left_behind if side is dest]
+    if not paths:
+        return
+    with POOL.use(dest.ep, uptime) as fs:
+        for path in paths:
+            _remove_quietly(fs, path)
+
+
 def _is_connection_loss(err: BaseException) -> bool:
     return errors.classify(err).transient
 
@@ -365,13 +382,17 @@ def transfer(src: Any, dst: Any, *, delete_source: bool = False, checksum: str |
     failures: list[str] = []
     last: BaseException | None = None
     delay = retry.backoff
+    left_behind: list[tuple[_Side, str]] = []
     for attempt in range(1, max(1, retry.attempts) + 1):
         for dest in destinations:
+            trial = _Attempt(source, dest, checksum=checksum, create_dirs=create_dirs,
+                             hardlink=hardlink, delete_source=delete_source,
+                             callback=callback, uptime=uptime)
             try:
-                size, digest = _Attempt(source, dest, checksum=checksum, create_dirs=create_dirs,
-                                        hardlink=hardlink, delete_source=delete_source,
-                                        callback=callback, uptime=uptime).run()
+                size, digest = trial.run()
             except Exception as err:  # noqa: BLE001 - every failure is classified below
+                if trial.left_behind is not None:
+                    left_behind.append((dest, trial.left_behind))
                 kind = errors.classify(err)
                 if not kind.transient:
                     raise _as_error(kind, err, secrets, source, dest) from None
@@ -382,6 +403,7 @@ def transfer(src: Any, dst: Any, *, delete_source: bool = False, checksum: str |
                 LOG.warning("Transfer %s -> %s failed (attempt %d): %s", source.loc.url(),
                             dest.loc.url(), attempt, errors.describe(err, secrets))
                 continue
+            _remove_left_behind(dest, left_behind, uptime)
             seconds = time.monotonic() - started
             result = Result(dest.loc.url(), size, f"{checksum}:{digest}" if digest else None,
                             seconds, source.loc.url())
