@@ -283,3 +283,11 @@ def test_a_file_announced_before_a_config_edit_is_served_after_it(setup: Deploym
         requester.close()
     assert reply.type == "file", reply.data
     assert (dst / name).read_bytes() == b"x" * 1024
+    staged = [p for p in stage.rglob("*") if p.is_file()]
+    assert len(staged) == 1
+    # renamed: the old section, its registry and its staged copy go; the new one starts afresh
+    write_ini(tmp_path / "mirror" / "mirror.ini", {"hrit2": section})
+    mirror.wait_log(r"Reloaded .*added \['hrit2'\], changed \[\], removed \['hrit'\]")
+    mirror.wait_log(r"hrit: section removed; 1 staged copy removed")
+    assert not staged[0].exists()
+

@@ -92,6 +92,33 @@ def test_start_and_reload_only_changed(runner: tuple[ServiceRunner, Recorder],
     assert sorted(service.sections) == ["c"]
 
 
+def test_a_removed_section_is_reported_once_its_worker_stopped(config: Path) -> None:
+    recorder = Recorder()
+    removed: list[tuple[str, dict[str, Any]]] = []
+
+    def on_removed(name: str, section: Any) -> None:
+        recorder.log("removed", name)
+        removed.append((name, dict(section)))
+        if name == "b":
+            raise RuntimeError("a failing clean-up does not stop the reload")
+
+    service = ServiceRunner(config, "server", recorder, watch_config=False,
+                            on_removed=on_removed)
+    try:
+        service.start()
+        config.write_text(server_ini(c="{name}"))
+        result = service.reload()
+        assert sorted(result.removed) == ["a", "b"] and result.added == ["c"]
+        for name in ("a", "b"):
+            assert recorder.events.index(("join", name)) < recorder.events.index(
+                ("removed", name))
+        assert sorted(name for name, _ in removed) == ["a", "b"]
+        assert all(section["origin"] == "/x/{name}" for _, section in removed)
+        assert sorted(service.sections) == ["c"]
+    finally:
+        service.stop()
+
+
 def test_bad_edit_keeps_running_sections(runner: tuple[ServiceRunner, Recorder],
                                          config: Path, caplog: pytest.LogCaptureFixture) -> None:
     service, recorder = runner

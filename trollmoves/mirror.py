@@ -21,7 +21,9 @@ section::
   while it exists; with ``delete`` it is removed ``remove_delay`` seconds after a push or an
   ``ack``, and in any case ``staging_retention`` seconds after it was fetched (default 600;
   0 keeps it), so that the staging directory does not fill up. Other sources of a fetched file
-  get an ``ack``, as a client sends them.
+  get an ``ack``, as a client sends them. A section's registry and staged copies outlive its
+  reload; a section removed from the file takes them along (its staged copies are removed
+  unless ``staging_retention`` is 0).
 
 The sections run under :class:`trollmoves.service.ServiceRunner` (config edits and SIGHUP reload
 changed sections, SIGTERM stops cleanly); requests are answered by the server's
@@ -521,6 +523,27 @@ class Mirror(Server):
         self._registries: dict[str, Registry] = {}
         self._staging: dict[str, Staging] = {}
         super().__init__(config_path, port=port, backlog=False, grace=grace)
+        self.runner.on_removed = self._forget_section
+
+    def _forget_section(self, name: str, config: Mapping[str, Any]) -> None:
+        """A section was removed from the file: drop its registry, and its staged copies
+        unless it kept them (``staging_retention = 0``); no client can ask for them now."""
+        self._registries.pop(name, None)
+        staging = self._staging.pop(name, None)
+        if staging is None or not float(config.get("staging_retention",
+                                                   DEFAULT_STAGING_RETENTION)) > 0:
+            return
+        removed = 0
+        for path in staging.paths():
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                LOG.warning("%s: cannot remove the staged copy %s: %s", name, path, err)
+        LOG.info("%s: section removed; %d staged cop%s removed", name, removed,
+                 "y" if removed == 1 else "ies")
 
     def _make_section(self, name: str, config: dict[str, Any]) -> MirrorSection:
         assert self.context is not None

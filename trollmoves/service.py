@@ -97,6 +97,8 @@ class ServiceRunner:
     ``kind`` names the schema (``"server"``, ``"client"``, ``"mirror"``); ``validate`` can add
     whole-file checks (for example, two sections on one port). ``on_stop`` is called once when
     the final stop begins, before the workers are stopped (e.g. to cut retry pauses short).
+    ``on_removed(name, config)`` is called once the worker of a section removed from the file
+    has stopped (to forget what outlived its reloads).
     ``stop_timeout`` bounds how long :meth:`stop` waits for each worker's ``join``.
     ``restart_backoff`` is the (first, longest) delay before a dead worker is restarted.
     """
@@ -104,6 +106,7 @@ class ServiceRunner:
     def __init__(self, config_path: str | os.PathLike[str], kind: str, factory: WorkerFactory,
                  *, validate: Validator | None = None, watch_config: bool = True,
                  on_stop: Callable[[], None] | None = None,
+                 on_removed: Callable[[str, Mapping[str, Any]], None] | None = None,
                  stop_timeout: float | None = None,
                  restart_backoff: tuple[float, float] = RESTART_BACKOFF) -> None:
         self.config_path = os.fspath(config_path)
@@ -112,6 +115,7 @@ class ServiceRunner:
         self.validate = validate
         self.watch_config = watch_config
         self.on_stop = on_stop
+        self.on_removed = on_removed
         self.stop_timeout = stop_timeout
         self.restart_backoff = restart_backoff
         self.loaded_signature: tuple[int, int, int] | None = None
@@ -287,9 +291,14 @@ class ServiceRunner:
         self._stop_workers([n for n in result.removed + result.changed if n in self._workers])
         self._failed -= set(result.removed)
         for name in result.removed:
-            del old[name]
+            config = old.pop(name)
             for plans in (self._restart_at, self._delay, self._started_at):
                 plans.pop(name, None)
+            if self.on_removed is not None:
+                try:
+                    self.on_removed(name, config)
+                except Exception:  # the other sections' reload goes on
+                    LOG.exception("Could not clean up after the removed section %s", name)
         for name in result.added + result.changed:
             self._sections[name] = sections[name]
             if not self._start_worker(name, sections[name]):
