@@ -216,6 +216,41 @@ def test_hot_spare_section_takes_over_a_push_never_acked(
     assert "taking over" in caplog.text
 
 
+def test_the_ack_of_an_unpacked_file_goes_out_with_its_announcement(
+        watchers: list[Listener], section: Callable[..., ClientSection],
+        fake_server: Callable[..., FakeServer], tmp_path: Any) -> None:
+    """A client that dies while unpacking leaves the file to its hot spare: no ``ack`` before
+    the announcement of what came out."""
+    uid = "H-000-MSG4-202611211000-C_"
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    program = tmp_path / "xritdecompress"  # waits at the gate, then "decompresses"
+    program.write_text(f'#!/bin/sh\nread go < {gate}\ncp "$1" "$(basename "$1" C_)__"\n')
+    program.chmod(0o755)
+
+    def deliver(request: Message) -> Message:
+        if request.type == "push":
+            (tmp_path / "MSG4").mkdir(exist_ok=True)
+            (tmp_path / "MSG4" / uid).write_bytes(b"compressed")
+        return push_ok(request)
+
+    server = fake_server(deliver)
+    client = section([f"127.0.0.1:{server.pub_port}"], compression="xrit",
+                     xritdecompressor=str(program))
+    watcher = _subscribed_watcher(client, [server], watchers)
+    server.announce(uid)
+    with open(gate, "w") as go:  # returns once the decompressor waits at the gate
+        probe = Message("/probe", "beat", {"after": "delivery"})
+        client._publish(probe)  # anything sent before it arrives before it
+        watcher.collect(lambda ms: any(m.data == probe.data for m in ms), what="the probe")
+        assert [m.type for m in watcher.messages if m.type != "beat"] == ["push"]
+        go.write("go\n")
+    watcher.collect(lambda ms: any(m.type == "file" for m in ms), what="the announcement")
+    assert [m.type for m in watcher.messages if m.type != "beat"] == ["push", "ack", "file"]
+    assert watcher.of_type("file")[0].data["uid"] == uid[:-2] + "__"
+    wait_for(lambda: client.tracker.is_done((uid,)), what="the file settled")
+
+
 def test_odd_announcements_are_logged_and_the_section_goes_on(
         watchers: list[Listener],
         section: Callable[..., ClientSection], fake_server: Callable[..., FakeServer],

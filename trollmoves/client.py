@@ -3,8 +3,11 @@
 ``move_it_client.py [-v] [-l LOGFILE] [-c LOG_CONFIG] CONFIG`` (also ``trollmoves client``).
 Each section of the INI file runs one :class:`ClientSection`:
 
-    SUB on all providers -> duplicate / hot-spare tracking -> push request (REQ) -> reply
-    -> (unpack) -> publish push, ack and the final file message
+    SUB on all providers -> duplicate / hot-spare tracking -> publish push -> push request
+    (REQ) -> reply -> (unpack) -> publish ack and the final file message, back to back
+
+The ``ack`` goes out with the final message, after unpacking: a client that dies before it
+announced a file leaves it to its hot spare.
 
 One thread per section reads the subscriptions, runs the hot-spare timers and keeps up to
 ``workers`` push requests in flight at once, so different files move concurrently and the same
@@ -444,56 +447,72 @@ class ClientSection:
             LOG.error("No transfer of %s from %s: %s", transfer.key[0], transfer.server, detail)
             self._request_next(transfer.key)
             return
-        if self.tracker.peer_delivered(transfer.key):
-            # both got it (a slow transfer the other took over): one announcement is enough
-            LOG.warning("%s was delivered and announced by another client meanwhile; not "
-                        "announcing it again", transfer.key[0])
-            self._send(wire.encode(ack_request(transfer.announcement)))
+        if self._announced_by_peer(transfer):
             self._finish(transfer.key, delivered=True)
             return
-        delivered = False
+        handed_over = delivered = False
         try:
-            self._delivered(transfer, reply)
-            delivered = True
+            data = final_data(transfer.announcement, transfer.destination,
+                              login=self.settings.login, reply=reply,
+                              rewrites=self.settings.rewrites)
+            if self._unpackers is not None:
+                self._unpackers.submit(self._unpack_and_announce, transfer, data)
+                handed_over = True
+            else:
+                self._announce(transfer, data)
+                delivered = True
         except Exception:
             LOG.exception("%s was delivered by %s but cannot be announced", transfer.key[0],
                           transfer.server)
         finally:
-            self._finish(transfer.key, delivered)
+            if handed_over:
+                # the slot is free for the next push; the file stays in progress (never
+                # requested again, another client's file message noticed) until announced
+                self._active -= 1
+                self._unpacking += 1
+            else:
+                self._finish(transfer.key, delivered)
 
-    def _delivered(self, transfer: _Transfer, reply: Message) -> None:
-        """Announce a delivered file (after unpacking it, on the unpackers, when configured)."""
-        s = self.settings
-        ack = wire.encode(ack_request(transfer.announcement))
-        data = final_data(transfer.announcement, transfer.destination, login=s.login,
-                          reply=reply, rewrites=s.rewrites)
-        if self._unpackers is not None:
-            self._send(ack)
-            self._unpackers.submit(self._unpack_and_announce, transfer, data)
-            self._unpacking += 1
-        else:
-            # both built first and sent back to back: a client dying between its ack and its
-            # file message would leave a hot spare believing the file announced
-            self._announce(transfer, data, ack)
+    def _announced_by_peer(self, transfer: _Transfer) -> bool:
+        """True (and only the ``ack`` sent) when another client announced the file meanwhile:
+        both transferred it (a slow transfer the other took over); one announcement is enough."""
+        if not self.tracker.peer_delivered(transfer.key):
+            return False
+        LOG.warning("%s was delivered and announced by another client meanwhile; not "
+                    "announcing it again", transfer.key[0])
+        self._send(wire.encode(ack_request(transfer.announcement)))
+        return True
 
     def _finish(self, key: FileKey, delivered: bool) -> None:
         """End the transfer of ``key``: free the slot, ``ack`` the other announcers."""
         self._active -= 1
+        self._settle(key, delivered)
+
+    def _settle(self, key: FileKey, delivered: bool) -> None:
+        """``key`` is no longer in progress: ``ack`` the other announcers if delivered."""
         for other in self.tracker.finish(key, delivered):
             self._ack(other)
 
-    def _announce(self, transfer: _Transfer, data: dict[str, Any], ack: str | None = None
-                  ) -> None:
-        """Publish the final message of a delivered file, after ``ack`` if given (any thread)."""
+    def _announce(self, transfer: _Transfer, data: dict[str, Any]) -> None:
+        """Publish the ``ack`` and the final message of a delivered file (any thread).
+
+        Both are built first and sent back to back: a client dying between them would leave a
+        hot spare believing the file announced.
+        """
+        ack = wire.encode(ack_request(transfer.announcement))
         final = wire.encode(wire.message(transfer.announcement.subject, message_type(data), data))
-        if ack is not None:
-            self._send(ack)
+        self._send(ack)
         self._send(final)
         LOG.info("Delivered %s from %s to %s in %.1f ms", transfer.key[0], transfer.server,
                  transfer.destination.public_url(), (time.monotonic() - transfer.started) * 1000)
 
     def _unpack_and_announce(self, transfer: _Transfer, data: dict[str, Any]) -> None:
-        """Unpack a delivered file and announce what came out (an unpacker thread)."""
+        """Unpack a delivered file and announce what came out (an unpacker thread).
+
+        The ``ack`` waits for the announcement, so that a hot spare takes over a client that
+        dies while unpacking. A file that cannot be unpacked is acknowledged all the same (it
+        was delivered; another client would fail alike) but not announced.
+        """
         s = self.settings
         try:
             assert s.compression is not None
@@ -501,16 +520,20 @@ class ClientSection:
                                 login=s.login, delete=s.delete, prog=s.xritdecompressor)
         except (OSError, unpack.UnpackError) as err:
             LOG.error("Delivered %s but could not unpack it: %s", transfer.key[0], err)
+            self._send(wire.encode(ack_request(transfer.announcement)))
         except Exception:
             LOG.exception("Delivered %s but could not unpack it", transfer.key[0])
+            self._send(wire.encode(ack_request(transfer.announcement)))
         else:
-            self._announce(transfer, data)
+            if not self._announced_by_peer(transfer):
+                self._announce(transfer, data)
         finally:
-            self._calls.put(self._unpacked)
+            self._calls.put(lambda: self._unpacked(transfer.key))
             self._wake()
 
-    def _unpacked(self) -> None:
+    def _unpacked(self, key: FileKey) -> None:
         self._unpacking -= 1
+        self._settle(key, delivered=True)
 
     def _ensure_directory(self, path: str) -> None:
         """Create ``path`` unless it was seen recently; :class:`DeliveryError` when it cannot."""
