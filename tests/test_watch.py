@@ -403,3 +403,30 @@ def test_unwatchable_directory_is_polled(tmp_path: Path, how: str) -> None:
     assert run.stdout.split() == ["polling", str(directory / "a.dat")]
     assert f"cannot watch {directory} with inotify" in run.stderr
     assert "polling it every 0.05 s instead" in run.stderr
+
+
+def _inotify_descriptors() -> int:
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            continue
+    return found
+
+
+def test_a_reader_join_gave_up_on_closes_its_inotify_when_it_ends(tmp_path: Path) -> None:
+    sink = Sink()
+    watcher = OriginWatcher(str(tmp_path / "{name}.dat"), sink, poll_interval=0.05)
+    before = _inotify_descriptors()
+    watcher.start()
+    assert watcher.ready.wait(DEADLINE) and _inotify_descriptors() == before + 1
+    sink.hold_at = str(tmp_path / "hold.dat")
+    write(Path(sink.hold_at))
+    assert sink.holding.wait(DEADLINE)  # the reader is busy in the sink
+    watcher.stop()
+    watcher.join(0.01)  # gives up: the reader is still held
+    assert watcher._reader is not None and watcher._reader.is_alive()
+    sink.release.set()
+    watcher._reader.join(DEADLINE)
+    assert _inotify_descriptors() == before

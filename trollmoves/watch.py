@@ -434,7 +434,9 @@ class OriginWatcher:
                         LOG.exception("%s: failed to handle the inotify event %s", self.name,
                                       event)
         finally:
-            if self._poller is not None:  # polling from now on: the watches are of no use
+            # polling from now on, the watches are of no use; stopped, the reader closes them
+            # itself in case join() gave up waiting for it
+            if self._poller is not None or self._stopping.is_set():
                 self._close_inotify()
 
     def _on_event(self, wd: int, mask: int, name: str) -> None:
