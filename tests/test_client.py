@@ -19,7 +19,7 @@ import pytest
 import zmq
 from posttroll.message import Message
 
-from tests.moveit import Clock, announcement
+from tests.moveit import DEADLINE, Clock, announcement, wait_for
 from trollmoves import unpack
 from trollmoves.client import ClientSettings
 from trollmoves.config import read_ini
@@ -437,14 +437,29 @@ def test_a_timed_out_socket_is_discarded_so_a_late_reply_is_never_taken() -> Non
     router = zmq.Context.instance().socket(zmq.ROUTER)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     requester = Requester(f"127.0.0.1:{port}")
-    with pytest.raises(RequestTimeout):
-        requester.request(Message("/t", "ping", {"n": 1}), timeout=0.05)
-    first, empty, _ = router.recv_multipart()
+
+    def received() -> list[bytes]:
+        assert router.poll(int(DEADLINE * 1000)), "no request reached the server"
+        return router.recv_multipart()
+
+    def timed_out_after_arriving() -> bool:
+        # a request is sent in the background: the discarded socket may take it along
+        # unsent (on a loaded machine the connection is not even up after 0.05 s), so
+        # time out until one got through
+        with pytest.raises(RequestTimeout):
+            requester.request(Message("/t", "ping", {"n": 1}), timeout=0.05)
+        return bool(router.poll(100))
+
+    wait_for(timed_out_after_arriving, what="a timed-out request at the server")
+    first, empty, _ = received()
     result: list[Message] = []
-    thread = threading.Thread(
-        target=lambda: result.append(requester.request(Message("/t", "ping", {"n": 2}), 5)))
+    thread = threading.Thread(target=lambda: result.append(
+        requester.request(Message("/t", "ping", {"n": 2}), DEADLINE)))
     thread.start()
-    second, _, _ = router.recv_multipart()
+    while True:  # requests of the other timed-out attempts may arrive in between
+        second, _, payload = received()
+        if Message(rawstr=payload).data == {"n": 2}:
+            break
     assert first != second  # a new socket
     router.send_multipart([first, empty, Message("/t", "pong", {"n": 1}).encode().encode()])
     router.send_multipart([second, empty, Message("/t", "pong", {"n": 2}).encode().encode()])
