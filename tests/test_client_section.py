@@ -40,6 +40,11 @@ from trollmoves.requester import (
 )
 from trollmoves.subscription import HEARTBEAT_TOPIC, SubscriptionSet, parse_providers
 
+#: ``transfer_req_timeout`` (and ``req_timeout``) of the tests that wait for a push to be late:
+#: they take that long, and it must be far longer than a message or a reply takes on a
+#: loaded machine, or a reply may count as missing.
+LATE = 2.0
+
 
 @pytest.fixture
 def fake_server() -> Iterator[Callable[..., FakeServer]]:
@@ -208,8 +213,8 @@ def test_hot_spare_section_takes_over_a_push_never_acked(
     server = fake_server()
     primary = fake_server()
     spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
-                    processing_delay=60, transfer_req_timeout=0.3)  # only a push ends it
-    spare.tracker.takeover_timeout = 1.0  # 2 x 0.3 + 60 by default
+                    processing_delay=60)  # only a push ends it
+    spare.tracker.takeover_timeout = 1.0  # 2 x transfer_req_timeout + 60 by default
     watcher = _subscribed_watcher(spare, [server, primary], watchers)
     message = server.announce("a.h5")
     primary.publish(Message("/1b/hrit", "push", message.data))  # then dies
@@ -412,12 +417,16 @@ def test_a_reply_that_cannot_be_announced_still_frees_its_slot(
 def _announced_by_both(first: FakeServer, second: FakeServer, caplog: pytest.LogCaptureFixture,
                        uid: str = "a.h5") -> None:
     """``uid`` announced by ``first`` (and pushed there), then by ``second``, as the client
-    has seen it."""
+    has seen it.
+
+    Both announcements go out on ``first``'s publisher, one right after the other: on one
+    socket their order is certain, and the second one is in long before the push can be late
+    (the client asks the server a ``request_address`` names, whoever published it)."""
     first.announce(uid)
-    wait_for(lambda: first.requested("push"), what="the push")
-    second.announce(uid)
+    first.announce(uid, second.request_address)
     wait_for(lambda: f"Announcement of {uid} from {second.request_address}: joined"
              in caplog.text, what="the second announcement")
+    assert wait_for(lambda: first.requested("push"), what="the push") == [uid]
 
 
 def test_a_late_push_reply_is_caught_and_the_file_is_not_asked_elsewhere(
@@ -433,7 +442,7 @@ def test_a_late_push_reply_is_caught_and_the_file_is_not_asked_elsewhere(
 
     slow, other = fake_server(answer_late), fake_server()
     client = section([f"127.0.0.1:{slow.pub_port}", f"127.0.0.1:{other.pub_port}"],
-                     transfer_req_timeout=0.5)
+                     transfer_req_timeout=LATE, req_timeout=LATE)
     watcher = _subscribed_watcher(client, [slow, other], watchers)
     with caplog.at_level(logging.DEBUG, logger="trollmoves"):
         _announced_by_both(slow, other, caplog)
@@ -444,7 +453,7 @@ def test_a_late_push_reply_is_caught_and_the_file_is_not_asked_elsewhere(
     watcher.drain()
     assert [m.type for m in watcher.messages] == ["push", "ack", "file"]
     assert watcher.of_type("file")[0].data["origin"] == slow.request_address
-    assert "has not answered the push of a.h5 within 0.5 s" in caplog.text
+    assert f"has not answered the push of a.h5 within {LATE:g} s" in caplog.text
 
 
 def test_a_push_to_a_server_that_answers_nothing_goes_to_the_next_announcer(
@@ -452,7 +461,7 @@ def test_a_push_to_a_server_that_answers_nothing_goes_to_the_next_announcer(
         fake_server: Callable[..., FakeServer], caplog: pytest.LogCaptureFixture) -> None:
     dead, other = fake_server(lambda request: None), fake_server()
     client = section([f"127.0.0.1:{dead.pub_port}", f"127.0.0.1:{other.pub_port}"],
-                     transfer_req_timeout=0.3, req_timeout=0.2)
+                     transfer_req_timeout=LATE, req_timeout=0.2)  # no ping is answered
     watcher = _subscribed_watcher(client, [dead, other], watchers)
     with caplog.at_level(logging.DEBUG, logger="trollmoves"):
         _announced_by_both(dead, other, caplog)
@@ -469,7 +478,7 @@ def test_a_live_server_that_never_answers_the_push_is_not_replaced(
     stuck = fake_server(lambda request: None if request.type == "push" else push_ok(request))
     other = fake_server()
     client = section([f"127.0.0.1:{stuck.pub_port}", f"127.0.0.1:{other.pub_port}"],
-                     transfer_req_timeout=0.3, workers=1)
+                     transfer_req_timeout=LATE, req_timeout=LATE, workers=1)
     watcher = _subscribed_watcher(client, [stuck, other], watchers)
     with caplog.at_level(logging.DEBUG, logger="trollmoves"):
         _announced_by_both(stuck, other, caplog)
@@ -494,9 +503,10 @@ def test_a_takeover_the_primary_finishes_after_all_is_announced_once(
     server = fake_server(slow)
     primary = fake_server()
     # the server holds the spare's push until the primary's file message is in: the push
-    # must not time out meanwhile (its timeout also sets when the spare takes over, ~4 s)
+    # must not time out meanwhile
     spare = section([f"127.0.0.1:{server.pub_port}", f"127.0.0.1:{primary.pub_port}"],
-                    processing_delay=0.1, transfer_req_timeout=2)
+                    processing_delay=0.1, transfer_req_timeout=DEADLINE)
+    spare.tracker.takeover_timeout = 1.0  # 2 x transfer_req_timeout + 0.1 by default
     watcher = _subscribed_watcher(spare, [server, primary], watchers)
     message = server.announce("a.h5")
     primary.publish(Message("/1b/hrit", "push", message.data))  # then is slow to finish
