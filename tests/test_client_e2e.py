@@ -235,13 +235,21 @@ def test_hot_spare_pair_with_a_backlog_pushes_every_file_once(tmp_path: Path) ->
                          in p.log_text(), lambda uid, s=probes: s.announce(uid,
                                                                             main.request_address))
         listener.wait_connected()
+        # the primary pushes two files (held), which fill its slots; the spare knows before
+        # they are announced to both (were they announced first, the primary's pushes would
+        # have to reach the spare within its delay, or both would push them)
+        for name in names[:2]:
+            for_primary.announce(name, main.request_address)
+        wait_for(lambda: all(f"Another client is transferring {name}" in spare.log_text()
+                             for name in names[:2]), what="the spare hearing of the pushes")
         for name in names:
             main.announce(name)
-        # the primary pushes two files (held) and queues 18; the spare takes those after 2 s
+        # the primary queues the other 18; the spare takes those after 2 s
         wait_for(lambda: len(set(re.findall(r"Another client delivered (f\d\d)",
                                             primary.log_text()))) == 18,
                  what="the primary hearing of the spare's 18 files")
-        held: list[Held] = list(main.held)
+        held: list[Held] = wait_for(lambda: list(main.held) if len(main.held) == 2 else [],
+                                    what="the primary's two pushes")
         assert sorted(h.request.data["uid"] for h in held) == names[:2]
         for request in held:
             main.reply(request, push_ok(request.request))
