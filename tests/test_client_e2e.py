@@ -150,8 +150,10 @@ def test_hot_spare_with_the_primary_killed_mid_stream(setup: Deployment, tmp_pat
     primary_section = client_section(server_port, f"{dst}/", primary_port,
                                      transfer_req_timeout=2)
     primary_section["providers"] += f" 127.0.0.1:{spare_port}"
+    # the spare leaves a file to the primary only if the primary's push comes within its
+    # delay: far longer than that takes on a loaded machine, or both may push and announce it
     spare_section = client_section(server_port, f"{dst}/", spare_port, transfer_req_timeout=2,
-                                   processing_delay=0.3)
+                                   processing_delay=5)
     spare_section["providers"] += f" 127.0.0.1:{primary_port}"
     primary = setup.client({"hrit": primary_section}, name="primary")
     spare = setup.client({"hrit": spare_section}, name="spare")
@@ -172,7 +174,8 @@ def test_hot_spare_with_the_primary_killed_mid_stream(setup: Deployment, tmp_pat
         acked_only = set(from_primary.uids("ack")) - set(from_primary.uids("file"))
         return set(from_primary.uids("file") + from_spare.uids("file")) | acked_only
 
-    wait_for(lambda: accounted() == set(names), timeout=30, what="every file")
+    # the spare takes over after its delay, the pushes in flight after 2 x 2 + 5 s
+    wait_for(lambda: accounted() == set(names), timeout=60, what="every file")
     announced = from_primary.uids("file") + from_spare.uids("file")
     assert len(announced) == len(set(announced))  # none twice
     assert len(names) - len(announced) <= 1
