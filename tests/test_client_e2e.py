@@ -277,8 +277,10 @@ def test_bad_destination_and_vanished_source_are_errors_for_that_file_only(
     (dst / "MSG1").write_text("a file where a directory should be")
     server_port, _ = setup.server({"hrit": hrit_server_section(src)})
     (client_port,) = ports(1)
+    # the delay gives the test the time to remove the source once it is announced: far
+    # longer than that takes on a loaded machine
     client = setup.client({"hrit": client_section(server_port, f"{dst}/{{platform_name}}/",
-                                                  client_port, processing_delay=0.5)})
+                                                  client_port, processing_delay=2)})
     setup.run()
     listener = setup.listen(client_port, server_port)
     drop(src, hrit_name(1, "MSG1"))  # destination cannot be created
