@@ -239,6 +239,7 @@ class Deployment:
 
     Clients start first and servers at :meth:`run`, so that every client is connected when a
     server sends its first heartbeat, which tells that its subscription is in place.
+    Listeners made before :meth:`run` are in place just as early (see :meth:`listen`).
     """
 
     def __init__(self, tmp_path: Path, reference_server: bool = False, verbose: bool = True
@@ -250,6 +251,7 @@ class Deployment:
         self.listeners: list[Listener] = []
         self._servers: list[tuple[Path, Path, int]] = []
         self._clients: list[tuple[MoveItProcess, list[int], bool]] = []
+        self._running = False
 
     def server(self, sections: dict[str, dict[str, Any]], name: str = "server"
                ) -> tuple[int, dict[str, int]]:
@@ -287,16 +289,27 @@ class Deployment:
         for directory, config, port in self._servers:
             self.procs.append(start_server(directory, config, port, reference=self.reference,
                                            verbose=self.verbose))
+        self._running = True
+        for listener in self.listeners:
+            listener.wait_connected()
         server_ports = {port for _, _, port in self._servers}
         for proc, providers, reference in self._clients:
             for port in server_ports.intersection(providers):
                 wait_receiving(proc, port, reference)
 
     def listen(self, *publish_ports: int) -> Listener:
-        """A connected listener on some publishers."""
+        """A listener on some publishers, connected once the servers run.
+
+        Make it before :meth:`run`: a publisher drops what it sends before a new subscription
+        has reached it, some time after the connection is up (PUB/SUB slow joiner), and a
+        listener made at once after :meth:`run` could miss the first messages of the files a
+        test puts in place right away. Made earlier, it is subscribed while the servers start
+        (they announce nothing in their first second), as the clients are.
+        """
         listener = Listener(publish_ports)
-        listener.wait_connected()
         self.listeners.append(listener)
+        if self._running:
+            listener.wait_connected()
         return listener
 
     def close(self) -> None:
