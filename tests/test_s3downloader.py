@@ -3,9 +3,10 @@
 The downloader runs as a subprocess (``s3downloader.py -c CONFIG -l LOG``). Messages shaped like
 pytroll-collectors' s3stalker ones (or any bytes) come from a publisher socket on 127.0.0.1;
 what it publishes is read by a posttroll Subscriber. Readiness: the "Ready" log line gives the
-publish port, then a canary object is announced (a new one each try) until its download is
-announced back, which proves both PUB/SUB links are up. The "endpoint down" cases put a TCP
-gate between the downloader and moto that the test opens, closes or cuts.
+publish port, the feed (an XPUB socket) sees the downloader's subscription, then canary objects
+are announced (a new one each try) until a download is announced back, which proves the second
+PUB/SUB link is up. The "endpoint down" cases put a TCP gate between the downloader and moto
+that the test opens, closes or cuts.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Downloader:
                                          env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         ready = self.wait_log(r"Ready: .* on port (\d+)")
         self.collector = Collector(f"tcp://127.0.0.1:{ready.group(1)}")
+        self.feed.wait_subscribed()  # from now on the downloader receives what is sent
 
     def log_text(self) -> str:
         """Everything logged so far."""
@@ -156,18 +158,26 @@ class Downloader:
                           self.collector.files(uid), f"announcement of {uid}", proc=self.proc)
 
     def sync(self) -> None:
-        """Announce new canary objects until one comes back: both links are connected."""
+        """Announce new canary objects until one comes back: the collector receives what is
+        published. The downloader is subscribed (see :meth:`Feed.wait_subscribed`), so it
+        downloads every canary: wait for them all, none is left running (a ``.part`` file)."""
+        sent: list[str] = []
+
         def round_trip() -> bool:
             name = f"canary-{next(self._canaries)}.txt"
             self.put(f"canary/{name}", b"tweet")
             self.send("file", stalker_file(self.bucket, f"canary/{name}"))
-            try:
-                wait_until(lambda: self.collector.files(name), name, timeout=0.3, proc=self.proc)
+            sent.append(name)
+            try:  # any canary back will do: on a loaded machine a round trip may take long
+                wait_until(lambda: any(self.collector.files(n) for n in sent), name,
+                           timeout=0.3, proc=self.proc)
             except AssertionError:
                 return False
             return True
 
         wait_until(round_trip, "both posttroll links", proc=self.proc)
+        for name in sent:
+            self.wait_log(rf"Downloaded s3://\S+/canary/{re.escape(name)} to ")
 
     def partial_files(self) -> list[str]:
         """Temporary files left in the download directory."""
@@ -352,7 +362,8 @@ def test_bad_messages_do_not_stop_the_downloader(downloader: Downloader) -> None
         downloader.feed.send_raw(bad[kind])
     downloader.send("file", {"uri": "s3://[x/a.h5", "uid": "a.h5"})
     downloader.feed.send_raw(bad["oversize"])
-    downloader.sync()  # the oversize message costs its connection: canaries until one is back
+    downloader.feed.wait_subscribed()  # the oversize message cost its connection; it is back
+    downloader.sync()
     for reason in ("UnicodeDecodeError", "ValueError", "RecursionError"):
         downloader.wait_log(rf"WARNING .*not a posttroll message \({reason}")
     downloader.wait_log(r"WARNING .*Not an S3 object, ignored: s3://\[x/a\.h5")
