@@ -67,10 +67,17 @@ def start_fetcher(directory: Path, destination: Path, source_port: int, topic: s
                               "nameserver": False},
         "publisher_config": {"name": "fetcher", "port": publish_port, "nameservers": False},
         **({"connection_parameters": connection_parameters} if connection_parameters else {})}))
-    proc = MoveItProcess("fetcher", directory, [*script("pytroll-fetcher"), "-v", str(config)])
-    proc.start(r"pytroll-fetcher ready")
+    # connected before the fetcher starts: a subscription takes effect some time after the
+    # connection is up (PUB/SUB slow joiner), and the fetcher publishes as soon as it fetched
     listener = Listener([publish_port])
-    listener.wait_connected()
+    proc = MoveItProcess("fetcher", directory, [*script("pytroll-fetcher"), "-v", str(config)])
+    try:
+        proc.start(r"pytroll-fetcher ready")
+        listener.wait_connected()
+    except BaseException:
+        listener.close()
+        proc.stop()
+        raise
     return proc, listener
 
 
