@@ -588,9 +588,16 @@ def test_real_publisher_and_subscriber(sections: list[Section], tmp_path: Path) 
     listener = Listener([publisher.port_number], "/1b/hrit")
     try:
         listener.wait_connected()
+        # the subscription takes effect some time after the connection is up (slow joiner):
+        # probes until one got through
+        probe = Message("/1b/hrit/probe", "beat", {}).encode()
+        wait_for(lambda: (publisher.send(probe), listener.drain(0.01))[1], DEADLINE,
+                 "the subscription")
         start_section(sections, tmp_path, publisher=publisher)
         src = new_file(tmp_path / "src", 0)
-        [message] = listener.collect(lambda msgs: msgs, what="the announcement")
+        listener.collect(lambda msgs: [m for m in msgs if m.type == "file"],
+                         what="the announcement")
+        [message] = listener.of_type("file")
         assert message.data["uri"] == str(src) and message.data["sensor"] == "seviri"
     finally:
         listener.close()
