@@ -238,10 +238,10 @@ def test_between_a_reference_server_and_a_reference_client(tmp_path: Path) -> No
             mirror_port, f"{dst}/{{platform_name}}/", client_port)}, reference=True)
         mirror = start_mirror(setup, {"hrit": mirror_section([server_port], stage, mirror_req)},
                               mirror_port)
+        listener = setup.listen(client_port)  # before run: connected as the processes start
         setup.run()
         wait_receiving(mirror, server_port)
         client.wait_log(rf"Receiving \(SUB\) pytroll:/{MIRROR_BEAT} beat")
-        listener = setup.listen(client_port)
         names = [hrit_name(n) for n in range(3)]
         for name in names:
             drop(src, name)
