@@ -24,23 +24,27 @@ from trollmoves.movers import move_it
 from trollmoves.transfer import RetryPolicy
 
 
-def _ssh_children() -> list[int]:
-    """Process ids of the OpenSSH clients this test process started and has not reaped."""
-    me = str(os.getpid())
-    found = []
+def _processes() -> dict[int, tuple[int, list[bytes]]]:
+    """Every process: its parent's id and its command line."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = handle.read().split(b"\0")
+                found[int(entry)] = (parent, handle.read().split(b"\0"))
         except OSError:
             continue
-        if fields[1] == me and os.path.basename(argv[0]) == b"ssh":
-            found.append(int(entry))
     return found
+
+
+def _ssh_children() -> list[int]:
+    """Process ids of the OpenSSH clients this test process started and has not reaped."""
+    me = os.getpid()
+    return [pid for pid, (parent, argv) in _processes().items()
+            if parent == me and os.path.basename(argv[0]) == b"ssh"]
 
 
 @pytest.fixture(autouse=True)
@@ -266,28 +270,17 @@ def test_a_refused_rename_of_a_file_opened_ahead_leaves_no_copy(sshd_server: Any
 
 def _sftp_servers(sshd_pid: int) -> list[int]:
     """Process ids of the sftp-server processes below the sshd ``sshd_pid``."""
-    parents: dict[int, int] = {}
-    commands: dict[int, bytes] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                commands[int(entry)] = handle.read()
-        except OSError:
-            continue
+    processes = _processes()
 
     def below_sshd(pid: int) -> bool:
         while pid > 1:
-            pid = parents.get(pid, 0)
+            pid = processes.get(pid, (0, []))[0]
             if pid == sshd_pid:
                 return True
         return False
 
-    return [pid for pid, argv in commands.items() if b"sftp-server" in argv and below_sshd(pid)]
+    return [pid for pid, (_, argv) in processes.items()
+            if os.path.basename(argv[0]) == b"sftp-server" and below_sshd(pid)]
 
 
 def test_a_hung_sftp_server_is_given_up_and_a_new_session_delivers(
