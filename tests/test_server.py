@@ -189,6 +189,18 @@ def test_pushes_run_concurrently(request_server: tuple[RequestServer, SlowHandle
         client.close()
 
 
+def _release_and_stop(release: threading.Event, threads: list[threading.Thread],
+                      server: RequestServer, clients: list[Any]) -> None:
+    """Let the held handlers go, then stop the threads, the server and the clients."""
+    release.set()
+    for thread in threads:
+        thread.join(DEADLINE)
+    server.stop()
+    server.join(DEADLINE)
+    for client in clients:
+        client.close()
+
+
 def test_slow_pushes_beyond_the_eager_workers_still_run_side_by_side() -> None:
     handler = SlowHandler()
     handler.barrier = threading.Barrier(EAGER_WORKERS + 2, timeout=DEADLINE)
@@ -203,13 +215,7 @@ def test_slow_pushes_beyond_the_eager_workers_still_run_side_by_side() -> None:
             thread.start()
         assert handler.overlapping.wait(DEADLINE)  # all of them in the handler at once
     finally:
-        handler.release.set()
-        for thread in threads:
-            thread.join(DEADLINE)
-        server.stop()
-        server.join(DEADLINE)
-        for client in clients:
-            client.close()
+        _release_and_stop(handler.release, threads, server, clients)
     assert [r.type for r in replies] == ["file"] * len(clients)
 
 
@@ -330,13 +336,7 @@ def test_busy_reply_when_too_many_pushes_wait() -> None:
         busy = clients[2]("push")  # answered at once, while the others still wait
         assert (busy.type, busy.data) == ("err", "server busy, retry later")
     finally:
-        handler.release.set()
-        for thread in threads:
-            thread.join(DEADLINE)
-        server.stop()
-        server.join(DEADLINE)
-        for client in clients:
-            client.close()
+        _release_and_stop(handler.release, threads, server, clients)
     assert [replies[i].type for i in range(2)] == ["file", "file"]
     assert handler.handled == 2
 
