@@ -11,6 +11,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,11 @@ def test_publishers_found_through_the_nameserver(nameserver: str) -> None:
                 continue
 
     early = publisher("early")
+    # registered before the start: its registration reaches the nameserver asynchronously
+    from posttroll.ns import get_pub_address
+    deadline = time.monotonic() + DEADLINE
+    while not get_pub_address("early", timeout=1, nameserver=nameserver):
+        assert time.monotonic() < deadline, "the early publisher never registered"
     settings = SubscriberSettings((TOPIC,), (), nameserver, ("early", "late"), timeout=5)
     receiver = Receiver(settings, handled.put)
     try:
